@@ -1,0 +1,1 @@
+"""horse_dist: distributed HORSE-family hypernetwork editing of LLMs."""
