@@ -1,0 +1,43 @@
+"""zsRE / CounterFact readers, tokenisation with pre-shifted labels, batching and deterministic sharding."""
+
+from horse_dist.data.batching import (
+    TokenBatch,
+    collate,
+    meta_batch_indices,
+    micro_batches,
+    shard_slice,
+    steps_per_epoch,
+    train_eval_split,
+)
+from horse_dist.data.formats import FORMATS, TARGETS, detect_format, load_records
+from horse_dist.data.records import DataFormatError, EditRecord
+from horse_dist.data.tokenize import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    TokenizedRecords,
+    tokenize_example,
+    tokenize_examples,
+    tokenize_records,
+)
+
+__all__ = [
+    "FORMATS",
+    "IGNORE_INDEX",
+    "TARGETS",
+    "DataFormatError",
+    "EditRecord",
+    "TokenBatch",
+    "TokenizedExample",
+    "TokenizedRecords",
+    "collate",
+    "detect_format",
+    "load_records",
+    "meta_batch_indices",
+    "micro_batches",
+    "shard_slice",
+    "steps_per_epoch",
+    "train_eval_split",
+    "tokenize_example",
+    "tokenize_examples",
+    "tokenize_records",
+]

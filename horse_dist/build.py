@@ -1,0 +1,76 @@
+"""Build the pieces of a run from its config: device, frozen LM, edit modules, data pools, engine."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from horse_dist.config import REPO_ROOT, RunConfig
+from horse_dist.data import EditRecord, TokenizedRecords, load_records, tokenize_records, train_eval_split
+from horse_dist.dist.world import LocalWorld
+from horse_dist.engine import EditEngine
+from horse_dist.lm.load import load_frozen_lm
+from horse_dist.lm.registry import resolve_edit_modules
+
+log = logging.getLogger(__name__)
+
+
+def resolve_path(path: str) -> Path:
+    """Paths in configs are relative to the working directory, else to the repository (bundled data)."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    bundled = REPO_ROOT / path
+    return bundled if bundled.exists() else candidate
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class DataPools:
+    train_records: list[EditRecord]
+    eval_records: list[EditRecord]
+    train: TokenizedRecords
+    eval: TokenizedRecords
+
+
+def load_data(cfg: RunConfig, tokenizer) -> DataPools:
+    data = cfg.data
+    train_records = load_records(
+        resolve_path(data.train_path), data.format, data.target, drop_empty_targets=data.drop_empty_targets
+    )
+    if data.eval_path:
+        eval_records = load_records(
+            resolve_path(data.eval_path), data.format, data.target, drop_empty_targets=data.drop_empty_targets
+        )
+    else:
+        train_idx, eval_idx = train_eval_split(len(train_records), data.eval_size, cfg.train.seed)
+        eval_records = [train_records[i] for i in eval_idx]
+        train_records = [train_records[i] for i in train_idx]
+    if data.max_train_records:
+        train_records = train_records[: data.max_train_records]
+    log.info("data: %d training and %d evaluation edits", len(train_records), len(eval_records))
+    return DataPools(
+        train_records,
+        eval_records,
+        tokenize_records(tokenizer, train_records),
+        tokenize_records(tokenizer, eval_records),
+    )
+
+
+def build_engine(cfg: RunConfig, world: LocalWorld | None = None) -> tuple[EditEngine, object]:
+    """Load the frozen LM and wrap it in an engine; returns (engine, tokenizer)."""
+    device = pick_device(cfg.model.device)
+    model, tokenizer = load_frozen_lm(cfg.model.source, dtype=cfg.model.dtype, device=str(device))
+    names = resolve_edit_modules(model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(cfg.train.seed)  # the hypernetwork's init
+    engine = EditEngine(cfg, model, pad_id, names, world or LocalWorld(), device)
+    return engine, tokenizer

@@ -1,0 +1,90 @@
+"""Atomic checkpoints: hypernetworks (with their normalisers), optimizer, step, RNG state, resolved config.
+
+A checkpoint is written to a temporary file in the same folder, fsynced, then os.replace'd over the old one,
+so a crash at any point leaves the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save_checkpoint(
+    path: str | Path,
+    *,
+    hypernet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    step: int,
+    config_yaml: str,
+    edit_modules: list[str],
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    return atomic_torch_save(
+        {
+            "format": "horse_dist.checkpoint.v1",
+            "hypernet": hypernet.state_dict(),
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "step": step,
+            "rng": rng_state(),
+            "config": config_yaml,
+            "edit_modules": edit_modules,
+            "metrics": metrics or {},
+        },
+        path,
+    )
+
+
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """Accept a checkpoint file or a run folder holding checkpoint.pt."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = resolve_checkpoint_path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable horse_dist checkpoint ({err})") from err
+    if not isinstance(state, dict) or state.get("format") != "horse_dist.checkpoint.v1":
+        raise ValueError(f"{path}: not a horse_dist checkpoint (missing format tag)")
+    return state

@@ -1,0 +1,278 @@
+"""Typed run configuration: structured dataclasses + YAML presets + `key=value` command-line overrides.
+
+A run file (configs/default.yaml) names one preset per group under `defaults:` (model / data / method); each
+preset is configs/<group>/<name>.yaml. `method=malmen` on the command line swaps a preset; `method.rank=64`
+overrides one key. Unknown keys and wrong types raise ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+PRESET_GROUPS = ("model", "data", "method")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "smollm2-135m"  # alias, local HF folder, .gguf file or hub id
+    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    edit_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
+    n_edit_layers: int = 6
+
+
+@dataclass
+class DataConfig:
+    name: str = "zsre"
+    train_path: str = "data/zsre/zsre_mend_eval_head.json"
+    eval_path: str = "data/zsre/zsre_mend_eval_tail.json"  # empty: hold out eval_size records of train_path
+    format: str = "auto"
+    target: str = "new"  # new: the counterfactual answer (MEND/HORSE); true: the true answer (MALMEN/MEMIT)
+    drop_empty_targets: bool = True
+    eval_size: int = 256
+    n_edits: int = 64  # edits per meta-step
+    batch_size: int = 32  # micro-batch of LM passes
+    max_train_records: int = 0  # 0: all
+
+
+@dataclass
+class MethodConfig:
+    name: str = "horse"
+    spread: str = "orthogonal"  # orthogonal | reference | none
+    learn_lambda: bool = True
+    locality: str = "ce"  # ce | kl
+    loc_coef: float = 1.0
+    rank: int = 1920
+    n_blocks: int = 2
+    eta_init: float = 1e-6
+    log_lambda_init: float = 0.0
+    solve_form: str = "auto"  # auto | primal | dual
+    solve_dtype: str = "float32"  # float32 | float64
+    chunk_rows: int = 1024  # hypernetwork rows per chunk
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 20
+    meta_lr: float = 1e-5
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_n_edits: int = 64
+    eval_batches: int = 4  # eval meta-batches of eval_n_edits (capped by the eval pool)
+    checkpoint_every: int = 10
+    out_dir: str = "runs"
+    run_name: str = ""  # empty: <method>-<model>-<timestamp>
+    resume: bool = False
+
+
+@dataclass
+class DistConfig:
+    backend: str = "local"  # local | ray
+    num_workers: int = 1
+    use_gpu: bool = False
+    zero_stage: int = 0
+    offload_params: bool = False
+    cache_budget_gb: float = 0.0  # 0: unlimited
+    max_failures: int = 0
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = ""  # empty: <dataset>-<model>
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "data.target": ("new", "true"),
+    "data.format": ("auto", "zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat"),
+    "method.spread": ("orthogonal", "reference", "none"),
+    "method.locality": ("ce", "kl"),
+    "method.solve_form": ("auto", "primal", "dual"),
+    "method.solve_dtype": ("float32", "float64"),
+    "dist.backend": ("local", "ray"),
+    "dist.zero_stage": (0, 3),
+}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _preset_path(group: str, name: str) -> Path:
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        available = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"unknown {group} preset {name!r}: no {path}; available: {available}")
+    return path
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    loaded = OmegaConf.load(path)
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return loaded
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{origin}: {err}") from None
+
+
+def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Compose schema <- preset files named in `defaults` <- the run file <- overrides; validate; return a dataclass."""
+    overrides = list(overrides or [])
+    run_file = Path(config_file) if config_file else CONFIG_DIR / "default.yaml"
+    run_yaml = _load_yaml(run_file)
+    defaults = dict(run_yaml.pop("defaults", None) or {})
+    unknown_groups = set(defaults) - set(PRESET_GROUPS)
+    if unknown_groups:
+        raise ConfigError(
+            f"{run_file}: defaults names unknown groups {sorted(unknown_groups)}; use {PRESET_GROUPS}"
+        )
+
+    dotlist = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in PRESET_GROUPS:
+            defaults[key] = value
+        else:
+            dotlist.append(item)
+
+    merged = OmegaConf.structured(RunConfig)
+    for group, name in defaults.items():
+        path = _preset_path(group, str(name))
+        merged = _merge(merged, {group: _load_yaml(path)}, str(path))
+    merged = _merge(merged, run_yaml, str(run_file))
+    try:
+        merged = _merge(merged, OmegaConf.from_dotlist(dotlist), "command line")
+    except ConfigError:
+        raise
+    except Exception as err:  # malformed dotlist syntax
+        raise ConfigError(f"command line: {err}") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def load_config_with_extras(
+    config_file: str | Path | None, overrides: list[str], extras: tuple[str, ...]
+) -> tuple[RunConfig, dict[str, str]]:
+    """Like load_config, but top-level `name=value` arguments named in `extras` (checkpoint=, out=) are
+    returned separately instead of being config keys."""
+    found, rest = {}, []
+    for item in overrides:
+        key = item.split("=", 1)[0]
+        if key in extras and "=" in item:
+            found[key] = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return load_config(config_file, rest), found
+
+
+def config_from_yaml(text: str, overrides: list[str]) -> RunConfig:
+    """Rebuild a saved resolved config, then apply overrides. The model and method define a trained
+    hypernetwork, so swapping their presets is refused; a data preset may be swapped."""
+    merged = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(text), "saved config")
+    dotlist = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in ("model", "method"):
+            raise ConfigError(f"{key}={value}: the {key} is fixed by the checkpoint")
+        if key == "data":
+            merged = _merge(merged, {"data": _load_yaml(_preset_path("data", value))}, value)
+        else:
+            dotlist.append(item)
+    merged = _merge(merged, OmegaConf.from_dotlist(dotlist), "command line")
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    for dotted, allowed in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}={value!r} is not one of {list(allowed)}")
+    positive = {
+        "data.n_edits": cfg.data.n_edits,
+        "data.batch_size": cfg.data.batch_size,
+        "method.rank": cfg.method.rank,
+        "method.chunk_rows": cfg.method.chunk_rows,
+        "train.eval_n_edits": cfg.train.eval_n_edits,
+        "dist.num_workers": cfg.dist.num_workers,
+        "model.n_edit_layers": cfg.model.n_edit_layers,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.train.steps < 0:
+        raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """`section.key -> value`, for tracking params and config diffs."""
+    return {
+        f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()
+    }
+
+
+def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """`[--config FILE] key=value ...` -> (config file, overrides)."""
+    config_file, overrides = None, []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--config":
+            config_file = next(args, None)
+            if config_file is None:
+                raise ConfigError("--config needs a file")
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg in ("-h", "--help"):
+            raise SystemExit(USAGE)
+        else:
+            overrides.append(arg)
+    return config_file, overrides
+
+
+USAGE = """usage: python -m horse_dist.<train|evaluate|edit> [--config FILE] [group=preset] [section.key=value ...]
+  groups: model, data, method (presets under configs/<group>/)
+  sections: model data method train dist tracking (see horse_dist/config.py)"""

@@ -1,0 +1,95 @@
+"""Padding into batches, and the deterministic index plans: train/eval split, meta-batches, worker shards."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
+
+
+@dataclass
+class TokenBatch:
+    input_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
+    attention_mask: torch.Tensor  # (B, T) long
+    labels: torch.Tensor  # (B, T) long, IGNORE_INDEX at prompt and pad positions
+    example_ids: torch.Tensor  # (B,) long: each row's edit index within the meta-batch
+
+    def to(self, device: torch.device | str) -> TokenBatch:
+        return TokenBatch(*(tensor.to(device) for tensor in vars(self).values()))
+
+    @property
+    def num_answer_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+def collate(examples: list[TokenizedExample], example_ids: list[int], pad_id: int) -> TokenBatch:
+    if not examples or len(examples) != len(example_ids):
+        raise ValueError(f"need one id per example, got {len(examples)} examples and {len(example_ids)} ids")
+    length = max(len(example.input_ids) for example in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), length), dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example.input_ids)
+        input_ids[row, :n] = torch.tensor(example.input_ids)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(example.labels)
+    return TokenBatch(input_ids, attention_mask, labels, torch.tensor(example_ids, dtype=torch.long))
+
+
+def micro_batches(examples: list[TokenizedExample], batch_size: int, pad_id: int) -> list[TokenBatch]:
+    """Longest first (stable sort), so rows of similar length share a batch; example id = position in `examples`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
+    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    return [collate([examples[i] for i in chunk], chunk, pad_id) for chunk in chunks]
+
+
+def train_eval_split(n_records: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded random `eval_size` of the records for evaluation, the rest for training; both in record order."""
+    if not 0 <= eval_size <= n_records:
+        raise ValueError(f"eval_size must be in [0, {n_records}], got {eval_size}")
+    eval_set = set(random.Random(f"split:{seed}").sample(range(n_records), eval_size))
+    train = [i for i in range(n_records) if i not in eval_set]
+    return train, sorted(eval_set)
+
+
+def steps_per_epoch(pool_size: int, n_edits: int) -> int:
+    """Meta-steps per pass over the pool; the remainder of each epoch's permutation is skipped (drop_last)."""
+    if not 1 <= n_edits <= pool_size:
+        raise ValueError(f"n_edits must be in [1, pool_size={pool_size}], got {n_edits}")
+    return pool_size // n_edits
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(pool_size: int, seed: int, epoch: int) -> tuple[int, ...]:
+    order = list(range(pool_size))
+    random.Random(f"epoch:{seed}:{epoch}").shuffle(order)  # string seeds hash stably across runs
+    return tuple(order)
+
+
+def meta_batch_indices(pool_size: int, n_edits: int, seed: int, step: int) -> list[int]:
+    """The record indices of meta-step `step`: a pure function of (seed, step), so a resumed run repeats it.
+
+    Each epoch is a fresh seeded permutation cut into `steps_per_epoch` whole meta-batches, so that no
+    meta-batch straddles two epochs (which could repeat a record within it).
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    epoch, position = divmod(step, steps_per_epoch(pool_size, n_edits))
+    start = position * n_edits
+    return list(_epoch_permutation(pool_size, seed, epoch)[start : start + n_edits])
+
+
+def shard_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """Worker `rank`'s contiguous block of a meta-batch; the first `len % world_size` blocks get one extra."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    base, extra = divmod(len(indices), world_size)
+    start = rank * base + min(rank, extra)
+    return indices[start : start + base + (rank < extra)]

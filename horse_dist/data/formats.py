@@ -1,0 +1,257 @@
+"""Readers for the zsRE and CounterFact file formats, validating every record into an EditRecord."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from horse_dist.data.records import DataFormatError, EditRecord
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat")
+TARGETS = ("true", "new")  # edit toward the true object (MALMEN/MEMIT) or the counterfactual (MEND/ROME)
+_FILE_SUFFIXES = (".json", ".jsonl")
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+class _Fields:
+    """A raw record and where it came from, so that every check can name file, record and field."""
+
+    def __init__(self, raw: dict, path: str, index: int, prefix: str = ""):
+        self.raw, self.path, self.index, self.prefix = raw, path, index, prefix
+
+    def error(self, key: str, problem: str) -> DataFormatError:
+        return DataFormatError(self.path, problem, self.index, self.prefix + key)
+
+    def get(self, key: str) -> Any:
+        if key not in self.raw:
+            raise self.error(key, f"missing (keys present: {', '.join(map(str, self.raw))})")
+        return self.raw[key]
+
+    def answer(self, key: str) -> str:
+        """A string that may be empty: emptiness of a target is judged by the caller (drop or fail)."""
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_type_name(value)}")
+        return value.strip()
+
+    def text(self, key: str) -> str:
+        value = self.get(key)
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a non-empty string, got {_type_name(value)}")
+        if not value.strip():
+            raise self.error(key, f"expected a non-empty string, got {value!r}")
+        return value.strip()
+
+    def optional_text(self, key: str) -> str:
+        return self.answer(key) if key in self.raw else ""
+
+    def strings(self, key: str) -> list[str]:
+        value = self.get(key)
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a non-empty list of strings, got {_type_name(value)}")
+        if not value:
+            raise self.error(key, "expected a non-empty list of strings, got an empty list")
+        for position, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.error(f"{key}[{position}]", f"expected a string, got {_type_name(item)}")
+        return value
+
+    def first_text(self, key: str) -> str:
+        first = self.strings(key)[0]
+        if not first.strip():
+            raise self.error(f"{key}[0]", f"expected a non-empty string, got {first!r}")
+        return first.strip()
+
+    def nested(self, key: str) -> _Fields:
+        value = self.get(key)
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected an object, got {_type_name(value)}")
+        return _Fields(value, self.path, self.index, f"{self.prefix}{key}.")
+
+
+# Each parser returns the record and the name of the field its answer came from (for empty-target errors).
+Parser = Callable[[_Fields, str], tuple[EditRecord, str]]
+
+
+def _zsre(f: _Fields, answer: str, answer_field: str) -> tuple[EditRecord, str]:
+    record = EditRecord(
+        prompt=f.text("src"),
+        answer=answer,
+        rephrase=f.text("rephrase"),
+        loc_prompt=f.text("loc") + "?",  # keeps MEND's "nq question: " prefix, as MEND/MALMEN/HORSE do
+        loc_answer=f.text("loc_ans"),
+        subject=f.optional_text("subject"),
+    )
+    return record, answer_field
+
+
+def _parse_zsre_mend(f: _Fields, target: str) -> tuple[EditRecord, str]:
+    answers = f.strings("answers")
+    if target == "true":
+        return _zsre(f, answers[0].strip(), "answers[0]")
+    return _zsre(f, f.answer("alt"), "alt")
+
+
+def _parse_zsre_malmen(f: _Fields, target: str) -> tuple[EditRecord, str]:
+    key = "ans" if target == "true" else "alt"
+    return _zsre(f, f.answer(key), key)
+
+
+def _parse_counterfact_rome(f: _Fields, target: str) -> tuple[EditRecord, str]:
+    rewrite = f.nested("requested_rewrite")
+    template, subject = rewrite.text("prompt"), rewrite.text("subject")
+    if "{}" not in template:
+        raise rewrite.error("prompt", f"expected a '{{}}' placeholder for the subject, got {template!r}")
+    true_answer = rewrite.nested("target_true").answer("str")
+    key = "target_true" if target == "true" else "target_new"
+    record = EditRecord(
+        prompt=template.replace("{}", subject),  # not str.format: other braces in a prompt must survive
+        answer=true_answer if target == "true" else rewrite.nested(key).answer("str"),
+        rephrase=f.first_text("paraphrase_prompts"),
+        loc_prompt=f.first_text("neighborhood_prompts"),
+        loc_answer=true_answer,  # neighbourhood subjects share the true object
+        subject=subject,
+    )
+    if not record.loc_answer:
+        raise rewrite.error("target_true.str", "expected a non-empty string (it is the locality answer)")
+    return record, f"requested_rewrite.{key}.str"
+
+
+def _parse_counterfact_flat(f: _Fields, target: str) -> tuple[EditRecord, str]:
+    key = "ground_truth" if target == "true" else "target_new"
+    record = EditRecord(
+        prompt=f.text("prompt"),
+        answer=f.answer(key),
+        rephrase=f.text("rephrase_prompt"),
+        loc_prompt=f.text("locality_prompt"),
+        loc_answer=f.text("locality_ground_truth"),
+        subject=f.optional_text("subject"),
+    )
+    return record, key
+
+
+_PARSERS: dict[str, Parser] = {
+    "zsre_mend": _parse_zsre_mend,
+    "zsre_malmen": _parse_zsre_malmen,
+    "counterfact_rome": _parse_counterfact_rome,
+    "counterfact_flat": _parse_counterfact_flat,
+}
+
+
+def detect_format(record: dict, path: str) -> str:
+    """The format of a file, judged from the keys of its first record."""
+    if not isinstance(record, dict):
+        raise DataFormatError(path, f"expected an object, got {_type_name(record)}", index=0)
+    keys = set(record)
+    if "requested_rewrite" in keys:
+        return "counterfact_rome"
+    if {"prompt", "target_new", "ground_truth"} <= keys:
+        return "counterfact_flat"
+    if {"src", "answers"} <= keys:
+        return "zsre_mend"
+    if {"src", "ans"} <= keys:
+        return "zsre_malmen"
+    raise DataFormatError(
+        path, f"cannot detect the format from keys {sorted(keys)}; pass fmt= one of {FORMATS}", index=0
+    )
+
+
+def _read_json(path: Path) -> Any:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix != ".jsonl":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataFormatError(str(path), f"not valid JSON ({error})") from error
+    rows = []
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataFormatError(str(path), f"line {line_number}: not valid JSON ({error})") from error
+    return rows
+
+
+def _read_hub(spec: str) -> list:
+    """`name` or `name:split` (default split "train") through `datasets`; any failure reads as not found."""
+    name, _, split = spec.partition(":")
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(name, split=split or "train"))
+    except Exception as error:
+        raise FileNotFoundError(
+            f"{spec}: no such data file, and loading it as a hub dataset failed ({type(error).__name__}: {error})"
+        ) from error
+
+
+def _read_rows(path: str | Path) -> list:
+    file = Path(path)
+    if file.is_file():
+        rows = _read_json(file)
+    elif file.suffix in _FILE_SUFFIXES:
+        raise FileNotFoundError(f"{path}: no such data file")
+    else:
+        rows = _read_hub(str(path))
+    if not isinstance(rows, list):
+        raise DataFormatError(
+            str(path), f"expected a JSON list of records at the top level, got {_type_name(rows)}"
+        )
+    return rows
+
+
+def load_records(
+    path: str | Path,
+    fmt: str = "auto",
+    target: str = "new",
+    drop_empty_targets: bool = True,
+    limit: int | None = None,
+) -> list[EditRecord]:
+    """Read and validate a zsRE / CounterFact file (or hub dataset) into EditRecords, in file order.
+
+    Records whose target answer is empty are dropped with one warning (or rejected if not
+    `drop_empty_targets`). `limit` caps the number of records returned; later records are not read.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"{path}: unknown format {fmt!r}; expected 'auto' or one of {FORMATS}")
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    name = str(path)
+    rows = _read_rows(path)
+    if not rows:
+        return []
+    parse = _PARSERS[detect_format(rows[0], name) if fmt == "auto" else fmt]
+    records: list[EditRecord] = []
+    dropped: list[int] = []
+    for index, raw in enumerate(rows):
+        if limit is not None and len(records) >= limit:
+            break
+        if not isinstance(raw, dict):
+            raise DataFormatError(name, f"expected an object, got {_type_name(raw)}", index=index)
+        record, answer_field = parse(_Fields(raw, name, index), target)
+        if record.answer:
+            records.append(record)
+        elif drop_empty_targets:
+            dropped.append(index)
+        else:
+            raise DataFormatError(name, f"empty target answer (target={target!r})", index, answer_field)
+    if dropped:
+        logger.warning(
+            "%s: dropped %d record(s) with an empty target answer (target=%r): indices %s",
+            name,
+            len(dropped),
+            target,
+            dropped,
+        )
+    return records

@@ -1,0 +1,30 @@
+"""The edit record every reader produces, and the error every reader raises on bad input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One fact to edit, with the prompts used to test generalisation and locality."""
+
+    prompt: str  # edit prompt
+    answer: str  # target answer (chosen by the loader's `target`), stripped
+    rephrase: str  # equivalent prompt (generalisation)
+    loc_prompt: str  # unrelated prompt (locality)
+    loc_answer: str  # its answer
+    subject: str = ""
+
+
+class DataFormatError(ValueError):
+    """A data file does not have the expected shape; the message names file, record index and field."""
+
+    def __init__(self, path: str, problem: str, index: int | None = None, field: str | None = None):
+        self.path, self.index, self.field = path, index, field
+        where = [path]
+        if index is not None:
+            where.append(f"record {index}")
+        if field is not None:
+            where.append(f"field {field!r}")
+        super().__init__(": ".join([*where, problem]))

@@ -1,0 +1,124 @@
+"""Prompt/answer tokenisation with pre-shifted labels (labels[t] is the token to predict at position t)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from horse_dist.data.records import EditRecord
+
+IGNORE_INDEX = -100
+_WORD_START_MARKERS = ("▁", "Ġ")  # SentencePiece / byte-level BPE spellings of a leading space
+
+
+@dataclass
+class TokenizedExample:
+    input_ids: list[int]  # prompt ids + answer ids[:-1]
+    labels: list[int]  # IGNORE_INDEX for the first len(prompt)-1 positions, then the answer ids
+
+    @property
+    def answer_ids(self) -> list[int]:
+        return [label for label in self.labels if label != IGNORE_INDEX]
+
+
+@dataclass
+class TokenizedRecords:
+    edit: list[TokenizedExample]  # (prompt, answer)
+    equiv: list[TokenizedExample]  # (rephrase, answer)
+    unrel: list[TokenizedExample]  # (loc_prompt, loc_answer)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+
+
+def _appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer's post-processor ends every sequence with EOS (which must not reach the labels)."""
+    ids = _encode(tokenizer, [""], special=True)[0]
+    eos = tokenizer.eos_token_id
+    return bool(ids) and eos is not None and ids[-1] == eos and eos != tokenizer.bos_token_id
+
+
+def _is_space(tokenizer: PreTrainedTokenizerBase, token_id: int) -> bool:
+    return not tokenizer.decode([token_id]).strip()
+
+
+def _answer_after_prompt(prompt_ids: list[int], full_ids: list[int]) -> list[int] | None:
+    """What the full text adds after the prompt, or None where tokens merge across the boundary."""
+    return full_ids[len(prompt_ids) :] if full_ids[: len(prompt_ids)] == prompt_ids else None
+
+
+def _drop_duplicate_space(tokenizer: PreTrainedTokenizerBase, answer_ids: list[int]) -> list[int]:
+    """SentencePiece tokenizers may encode " Paris" alone as ['▁', '▁Paris']: that '▁' is an artefact."""
+    if len(answer_ids) > 1 and _is_space(tokenizer, answer_ids[0]):
+        if tokenizer.convert_ids_to_tokens(answer_ids[1]).startswith(_WORD_START_MARKERS):
+            return answer_ids[1:]
+    return answer_ids
+
+
+def _detach_leading_space(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], answer_ids: list[int]
+) -> tuple[list[int], list[int]]:
+    """A lone space token that is really part of the text (e.g. SmolLM2's 'Ġ' before digits) is read, not
+    predicted: it moves to the prompt side, so that no label asks for a bare space."""
+    if len(answer_ids) > 1 and _is_space(tokenizer, answer_ids[0]):
+        return prompt_ids + answer_ids[:1], answer_ids[1:]
+    return prompt_ids, answer_ids
+
+
+def _example(prompt_ids: list[int], answer_ids: list[int]) -> TokenizedExample:
+    return TokenizedExample(
+        input_ids=prompt_ids + answer_ids[:-1],
+        labels=[IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids,
+    )
+
+
+def tokenize_examples(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str]
+) -> list[TokenizedExample]:
+    """Tokenise `prompt + " " + answer` pairs, in batched calls, as the tokenizer tokenises that text.
+
+    The answer ids are what the full text adds after the prompt's ids. Where the prompt's ids are not a
+    prefix of the full text's (a merge across the boundary), the answer is tokenised on its own after a
+    space instead, minus a duplicated lone-space token. Special tokens (BOS) come from the tokenizer;
+    EOS is never part of the answer.
+    """
+    if len(prompts) != len(answers):
+        raise ValueError(f"got {len(prompts)} prompts but {len(answers)} answers")
+    prompts = [prompt.rstrip() for prompt in prompts]  # a trailing space would double the separator
+    answers = [answer.strip() for answer in answers]
+    prompt_ids = _encode(tokenizer, prompts, special=True)
+    full_ids = _encode(tokenizer, [f"{p} {a}" for p, a in zip(prompts, answers)], special=True)
+    if _appends_eos(tokenizer):
+        prompt_ids = [ids[:-1] for ids in prompt_ids]
+        full_ids = [ids[:-1] for ids in full_ids]
+
+    answer_ids = [_answer_after_prompt(p, f) for p, f in zip(prompt_ids, full_ids)]
+    fallback = [i for i, ids in enumerate(answer_ids) if ids is None]
+    alone = _encode(tokenizer, [" " + answers[i] for i in fallback], special=False)
+    for i, ids in zip(fallback, alone):
+        answer_ids[i] = _drop_duplicate_space(tokenizer, ids)
+
+    examples = []
+    for prompt, answer, prompt_part, answer_part in zip(prompts, answers, prompt_ids, answer_ids):
+        if not answer or not answer_part:
+            raise ValueError(f"answer {answer!r} (prompt {prompt!r}) tokenises to zero tokens")
+        if not prompt_part:
+            raise ValueError(f"prompt {prompt!r} tokenises to zero tokens")
+        examples.append(_example(*_detach_leading_space(tokenizer, prompt_part, answer_part)))
+    return examples
+
+
+def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> TokenizedExample:
+    return tokenize_examples(tokenizer, [prompt], [answer])[0]
+
+
+def tokenize_records(tokenizer: PreTrainedTokenizerBase, records: Sequence[EditRecord]) -> TokenizedRecords:
+    """Tokenise once, up front, the three views (edit, equivalent, unrelated) of every record."""
+    return TokenizedRecords(
+        edit=tokenize_examples(tokenizer, [r.prompt for r in records], [r.answer for r in records]),
+        equiv=tokenize_examples(tokenizer, [r.rephrase for r in records], [r.answer for r in records]),
+        unrel=tokenize_examples(tokenizer, [r.loc_prompt for r in records], [r.loc_answer for r in records]),
+    )

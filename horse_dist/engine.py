@@ -1,0 +1,147 @@
+"""The per-worker editing engine: frozen LM + hooks + hypernetworks + world, and the meta-step of DESIGN §1.
+
+The same object runs in local mode (LocalWorld) and as a distributed worker (TorchWorld): it only ever sees
+its own slice of each meta-batch, and every global quantity goes through the world.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from horse_dist.config import RunConfig
+from horse_dist.data import TokenBatch, TokenizedRecords, micro_batches
+from horse_dist.dist.world import LocalWorld
+from horse_dist.lm.hooks import EditHooks
+from horse_dist.lm.passes import CacheResult, cache_pass, loss_pass, score_pass
+from horse_dist.lm.registry import module_shape
+from horse_dist.pipeline import (
+    HyperNetBank,
+    PhaseTimer,
+    Prediction,
+    meta_backward,
+    predict_shifts,
+    update_normalizers,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditBatches:
+    """One worker's slice of a meta-batch, tokenised into micro-batches of the three prompt kinds."""
+
+    edit: list[TokenBatch]
+    equiv: list[TokenBatch]
+    unrel: list[TokenBatch]
+    n_edits: int
+
+
+class EditEngine:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: nn.Module,
+        pad_id: int,
+        module_names: list[str],
+        world: LocalWorld,
+        device: torch.device,
+    ) -> None:
+        self.cfg, self.model, self.pad_id, self.world, self.device = cfg, model, pad_id, world, device
+        self.module_names = list(module_names)
+        self.shapes = [module_shape(model.get_submodule(name)) for name in self.module_names]
+        self.hooks = EditHooks(model, self.module_names)
+        self.bank = HyperNetBank(self.shapes, cfg.method).to(device)
+        self.loss_scale = float(cfg.data.batch_size)
+
+    # ---- data -------------------------------------------------------------------------------------------
+    def batches_for(self, pool: TokenizedRecords, indices: list[int]) -> EditBatches:
+        size = self.cfg.data.batch_size
+
+        def cut(examples):
+            return [
+                b.to(self.device) for b in micro_batches([examples[i] for i in indices], size, self.pad_id)
+            ]
+
+        return EditBatches(cut(pool.edit), cut(pool.equiv), cut(pool.unrel), len(indices))
+
+    # ---- editing ----------------------------------------------------------------------------------------
+    def cache(self, batches: EditBatches) -> CacheResult:
+        return cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale)
+
+    def predict(
+        self, cache: CacheResult, learn_statistics: bool, timer: PhaseTimer | None = None
+    ) -> Prediction:
+        """Shifts S_l for the cached edits. Training merges the step's moments into the normalisers first;
+        evaluation and editing use the trained statistics (and fall back to the batch's own if there are none)."""
+        if learn_statistics or not self.bank.normalizers_ready():
+            if not learn_statistics:
+                log.warning("hypernetwork normaliser has no statistics yet; using this batch's")
+            update_normalizers(self.bank, cache.keys, cache.grads, self.world)
+        return predict_shifts(
+            self.bank, cache.keys, cache.grads, self.cfg.method, self.world, self.module_names, timer
+        )
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def meta_step(self, batches: EditBatches, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        """One meta-step on this worker's slice; returns metrics summed over this worker's edits."""
+        method, timer = self.cfg.method, PhaseTimer()
+        optimizer.zero_grad(set_to_none=False)
+        with timer("cache"):
+            cache = self.cache(batches)
+        prediction = self.predict(cache, learn_statistics=True, timer=timer)
+        shifts = [s.detach().clone().requires_grad_(True) for s in prediction.shifts]
+        with timer("generalisation"):
+            gen = loss_pass(
+                self.model, self.hooks, batches.equiv, shifts, batches.n_edits, "ce", 1.0 / self.loss_scale
+            )
+        with timer("locality"):
+            loc = loss_pass(
+                self.model,
+                self.hooks,
+                batches.unrel,
+                shifts,
+                batches.n_edits,
+                method.locality,
+                method.loc_coef / self.loss_scale,
+            )
+        grad_shifts = [s.grad if s.grad is not None else torch.zeros_like(s) for s in shifts]
+        meta_backward(self.bank, cache.keys, cache.grads, prediction, grad_shifts, method, self.world, timer)
+        with timer("optimizer"):
+            params = [p for p in self.bank.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
+            optimizer.step()
+        metrics = {
+            "gen_loss_sum": float(gen.loss.sum()),
+            "loc_loss_sum": float(loc.loss.sum()),
+            "train_gs_sum": float(gen.accuracy.sum()),
+            "train_ls_sum": float(loc.accuracy.sum()),
+            "cache_loss_sum": float(cache.loss.sum()),
+            "edits": float(batches.n_edits),
+            "tokens": float(cache.keys[0].shape[0]),
+            "grad_norm": float(grad_norm),
+        }
+        metrics.update({f"time/{phase}": seconds for phase, seconds in timer.seconds.items()})
+        return metrics
+
+    # ---- evaluation -------------------------------------------------------------------------------------
+    def evaluate_batch(self, batches: EditBatches) -> dict[str, torch.Tensor]:
+        """Per-edit ES/GS/LS with the predicted edit applied, the unedited model's, and locality agreement."""
+        n = batches.n_edits
+        out: dict[str, torch.Tensor] = {}
+        unrel_before = score_pass(self.model, self.hooks, batches.unrel, n)
+        out["unedited/ES"] = score_pass(self.model, self.hooks, batches.edit, n).accuracy
+        out["unedited/GS"] = score_pass(self.model, self.hooks, batches.equiv, n).accuracy
+        out["unedited/LS"] = unrel_before.accuracy
+        cache = self.cache(batches)
+        shifts = self.predict(cache, learn_statistics=False).shifts
+        out["edited/ES"] = score_pass(self.model, self.hooks, batches.edit, n, shifts).accuracy
+        out["edited/GS"] = score_pass(self.model, self.hooks, batches.equiv, n, shifts).accuracy
+        unrel_after = score_pass(self.model, self.hooks, batches.unrel, n, shifts, unrel_before.predictions)
+        out["edited/LS"] = unrel_after.accuracy
+        out["edited/loc_agreement"] = unrel_after.agreement
+        out["unedited/loc_agreement"] = torch.ones(n)
+        return out

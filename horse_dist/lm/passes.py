@@ -1,0 +1,129 @@
+"""Micro-batched passes of the frozen LM: the cache pass, the edited loss passes and the scoring pass.
+
+Losses are sums over edits of each edit's mean token loss, times a fixed weight (1 / the configured
+micro-batch size, which keeps the public code's gradient scale). Unlike a per-micro-batch token mean, that makes every token's gradient independent of how
+edits are grouped into micro-batches and workers, so W workers reproduce the single-process run.
+Logits are computed at the answer positions only (the LM head is a large share of a small model's FLOPs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from horse_dist.data import TokenBatch
+from horse_dist.editor.losses import (
+    per_example_accuracy,
+    per_example_agreement,
+    per_example_ce,
+    per_example_kl,
+)
+from horse_dist.lm.hooks import EditHooks
+
+
+def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """Logits (P, V) in float32 at the positions whose label is an answer token."""
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    hidden_BTH = out[0]
+    mask_BT = batch.labels != -100
+    return model.get_output_embeddings()(hidden_BTH[mask_BT]).float()
+
+
+def _positions(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mask_BT = batch.labels != -100
+    example_ids_P = batch.example_ids.unsqueeze(1).expand_as(mask_BT)[mask_BT]
+    return mask_BT, batch.labels[mask_BT], example_ids_P
+
+
+@dataclass
+class CacheResult:
+    keys: list[torch.Tensor]  # per edited layer (N, I) float32
+    grads: list[torch.Tensor]  # per edited layer (N, O) float32
+    example_ids: torch.Tensor  # (N,) edit index of each token row
+    loss: torch.Tensor  # (E,) per-edit CE of the unedited model
+
+
+def cache_pass(
+    model: nn.Module, hooks: EditHooks, batches: list[TokenBatch], n_examples: int, loss_scale: float
+) -> CacheResult:
+    """Forward+backward of the unedited LM on the edit prompts, recording K and G at the answer positions."""
+    hooks.reset_records()
+    example_rows, losses = [], torch.zeros(n_examples)
+    for batch in batches:
+        mask_BT, labels_P, example_ids_P = _positions(batch)
+        with hooks.recording(mask_BT):
+            logits_PV = answer_logits(model, batch)
+        loss_E = per_example_ce(logits_PV, labels_P, example_ids_P, n_examples)
+        (loss_E.sum() / loss_scale).backward()
+        losses += loss_E.detach()
+        example_rows.append(example_ids_P)
+    keys, grads = hooks.collect()
+    return CacheResult(keys, grads, torch.cat(example_rows), losses)
+
+
+@dataclass
+class PassResult:
+    loss: torch.Tensor  # (E,) per-edit loss (0 where not computed)
+    accuracy: torch.Tensor  # (E,) teacher-forced token accuracy
+    agreement: torch.Tensor | None = None  # (E,) agreement with the unedited model's argmax
+    predictions: list[torch.Tensor] = field(default_factory=list)  # per batch argmax at answer positions
+
+
+def loss_pass(
+    model: nn.Module,
+    hooks: EditHooks,
+    batches: list[TokenBatch],
+    shifts: list[torch.Tensor],
+    n_examples: int,
+    objective: str,
+    weight: float,
+) -> PassResult:
+    """Forward+backward of `weight` × Σ_edits loss with the shifts applied; S_l.grad accumulates g_S."""
+    losses, accuracy = torch.zeros(n_examples), torch.zeros(n_examples)
+    for batch in batches:
+        _, labels_P, example_ids_P = _positions(batch)
+        if objective == "kl":
+            with torch.no_grad():
+                ref_logprobs_PV = torch.log_softmax(answer_logits(model, batch), dim=-1)
+        with hooks.shifted(shifts):
+            logits_PV = answer_logits(model, batch)
+        if objective == "ce":
+            loss_E = per_example_ce(logits_PV, labels_P, example_ids_P, n_examples)
+        elif objective == "kl":
+            loss_E = per_example_kl(logits_PV, ref_logprobs_PV, example_ids_P, n_examples)
+        else:
+            raise ValueError(f"unknown objective {objective!r}; expected ce or kl")
+        (loss_E.sum() * weight).backward()
+        losses += loss_E.detach()
+        accuracy += per_example_accuracy(logits_PV.detach(), labels_P, example_ids_P, n_examples)
+    return PassResult(losses, accuracy)
+
+
+@torch.no_grad()
+def score_pass(
+    model: nn.Module,
+    hooks: EditHooks,
+    batches: list[TokenBatch],
+    n_examples: int,
+    shifts: list[torch.Tensor] | None = None,
+    reference_predictions: list[torch.Tensor] | None = None,
+) -> PassResult:
+    """Teacher-forced token accuracy per edit (ES/GS/LS semantics), optionally with the shifts applied."""
+    accuracy = torch.zeros(n_examples)
+    agreement = torch.zeros(n_examples) if reference_predictions is not None else None
+    predictions = []
+    for i, batch in enumerate(batches):
+        _, labels_P, example_ids_P = _positions(batch)
+        if shifts is None:
+            logits_PV = answer_logits(model, batch)
+        else:
+            with hooks.shifted(shifts):
+                logits_PV = answer_logits(model, batch)
+        accuracy += per_example_accuracy(logits_PV, labels_P, example_ids_P, n_examples)
+        pred_P = logits_PV.argmax(-1)
+        predictions.append(pred_P)
+        if agreement is not None:
+            agreement += per_example_agreement(pred_P, reference_predictions[i], example_ids_P, n_examples)
+    return PassResult(torch.zeros(n_examples), accuracy, agreement, predictions)

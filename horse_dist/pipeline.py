@@ -1,0 +1,226 @@
+"""From cached keys/gradients to weight shifts and back (DESIGN §1 steps 2-5 and 7), over a `World`.
+
+Tokens are sharded, layers are owned: each worker holds only its own rows of K, G and D; global sums (the
+normaliser's moments, the spread's inner products, KᵀK, KᵀD̂, g_S) go through the world; layer l's solve runs
+on worker l mod W, which broadcasts S_l and later M_l. In one process every collective is the identity.
+Legend: N token rows (this worker's), I = d_in, O = d_out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from time import perf_counter
+
+import torch
+from torch import nn
+
+from horse_dist.config import MethodConfig
+from horse_dist.dist.world import LocalWorld
+from horse_dist.editor.hypernet import HyperNet, batch_moments
+from horse_dist.editor.metagrad import hypernet_vjp, log_lambda_grad, residual_grad, ridge_meta_direction
+from horse_dist.editor.residual import residual
+from horse_dist.editor.solve import DualRidge, PrimalRidge, choose_form
+from horse_dist.editor.spread import SpreadState, spread_backward, spread_forward
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per named phase."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        start = perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + perf_counter() - start
+
+
+def shape_key(shape: tuple[int, int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+class HyperNetBank(nn.Module):
+    """One HyperNet per distinct (d_in, d_out), shared by the edited layers of that shape."""
+
+    def __init__(self, shapes: list[tuple[int, int]], method: MethodConfig) -> None:
+        super().__init__()
+        self.shapes = list(shapes)
+        counts: dict[str, int] = {}
+        self.slots: list[tuple[str, int]] = []  # per edited layer: (net key, layer index inside that net)
+        for shape in self.shapes:
+            key = shape_key(shape)
+            self.slots.append((key, counts.get(key, 0)))
+            counts[key] = counts.get(key, 0) + 1
+        self.nets = nn.ModuleDict(
+            {
+                key: HyperNet(
+                    int(key.split("x")[0]),
+                    int(key.split("x")[1]),
+                    n_layers=count,
+                    rank=method.rank,
+                    n_blocks=method.n_blocks,
+                    eta_init=method.eta_init,
+                    log_lambda_init=method.log_lambda_init,
+                )
+                for key, count in counts.items()
+            }
+        )
+        if not method.learn_lambda:
+            for net in self.nets.values():
+                net.log_lambda.requires_grad_(False)
+
+    def net(self, layer: int) -> tuple[HyperNet, int]:
+        key, index = self.slots[layer]
+        return self.nets[key], index
+
+    def eta(self, layer: int) -> float:
+        net, index = self.net(layer)
+        return float(net.eta[index])
+
+    def log_lambda(self, layer: int) -> torch.Tensor:
+        net, index = self.net(layer)
+        return net.log_lambda[index].detach()
+
+    def normalizers_ready(self) -> bool:
+        return all(float(net.normalizer.count) >= 2 for net in self.nets.values())
+
+
+def update_normalizers(
+    bank: HyperNetBank, keys: list[torch.Tensor], grads: list[torch.Tensor], world: LocalWorld
+) -> None:
+    """Merge this step's global moments of [K, G] into each shape's running normaliser."""
+    for key, net in bank.nets.items():
+        moments = None
+        for layer, (slot_key, _) in enumerate(bank.slots):
+            if slot_key != key:
+                continue
+            count, total, total_sq = batch_moments(torch.cat([keys[layer], grads[layer]], dim=1))
+            stacked = torch.cat([count.reshape(1), total, total_sq])
+            moments = stacked if moments is None else moments + stacked
+        world.all_reduce_sum(moments)
+        width = (moments.numel() - 1) // 2
+        net.normalizer.update(moments[0], moments[1 : 1 + width], moments[1 + width :])
+
+
+@dataclass
+class Prediction:
+    shifts: list[torch.Tensor]  # per layer S_l (I, O), identical on every worker
+    ridges: list[PrimalRidge | DualRidge | None]  # factor of A_l on its owner (None elsewhere)
+    spread_state: SpreadState
+    form: str  # primal | dual
+
+
+def _solve_form(method: MethodConfig, n_rows: int, d_in: int, world: LocalWorld) -> str:
+    if world.size > 1:
+        # The dual form needs every worker's keys in one place, which the sharding forbids.
+        if method.solve_form == "dual":
+            raise ValueError(
+                "method.solve_form=dual needs all keys on one worker; use primal or auto with W>1"
+            )
+        return "primal"
+    return choose_form(n_rows, d_in, method.solve_form)
+
+
+@torch.no_grad()
+def predict_shifts(
+    bank: HyperNetBank,
+    keys: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    method: MethodConfig,
+    world: LocalWorld,
+    names: list[str],
+    timer: PhaseTimer | None = None,
+) -> Prediction:
+    timer = timer or PhaseTimer()
+    solve_dtype = torch.float64 if method.solve_dtype == "float64" else torch.float32
+    with timer("hypernet_forward"):
+        deltas = []
+        for layer, (keys_NI, grads_NO) in enumerate(zip(keys, grads)):
+            net, index = bank.net(layer)
+            chunks = []
+            for start in range(0, keys_NI.shape[0], method.chunk_rows):
+                k, g = keys_NI[start : start + method.chunk_rows], grads_NO[start : start + method.chunk_rows]
+                pseudo_keys, pseudo_grads = net(k, g, index)
+                chunks.append(residual(k, pseudo_keys, pseudo_grads, net.eta[index]))
+            deltas.append(torch.cat(chunks) if chunks else grads_NO.new_zeros(grads_NO.shape))
+    with timer("spread"):
+        spread, state = spread_forward(
+            deltas, method.spread, raw_grads=grads, reduce=world.all_reduce_sum, names=names
+        )
+    with timer("solve"):
+        form = _solve_form(method, keys[0].shape[0], keys[0].shape[1], world)
+        shifts, ridges = [], []
+        for layer, (keys_NI, delta_NO) in enumerate(zip(keys, spread)):
+            log_lambda = bank.log_lambda(layer)
+            if form == "dual":
+                ridge = DualRidge.factor(keys_NI, log_lambda, dtype=solve_dtype, name=names[layer])
+                shifts.append(ridge.shift(delta_NO))
+                ridges.append(ridge)
+                continue
+            owner = world.owner(layer)
+            gram_II = world.reduce_sum_to(keys_NI.T @ keys_NI, owner)
+            rhs_IO = world.reduce_sum_to(keys_NI.T @ delta_NO, owner)
+            if world.rank == owner:
+                ridge = PrimalRidge.factor(gram_II, log_lambda, dtype=solve_dtype, name=names[layer])
+                shift_IO = ridge.shift(rhs_IO)
+            else:
+                ridge, shift_IO = None, rhs_IO.new_empty(rhs_IO.shape)
+            shifts.append(world.broadcast(shift_IO.contiguous(), owner))
+            ridges.append(ridge)
+    return Prediction(shifts, ridges, state, form)
+
+
+def meta_backward(
+    bank: HyperNetBank,
+    keys: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    prediction: Prediction,
+    grad_shifts: list[torch.Tensor],
+    method: MethodConfig,
+    world: LocalWorld,
+    timer: PhaseTimer | None = None,
+) -> None:
+    """Accumulate the hypernetwork's gradient of the meta-loss, given g_S = ∂L/∂S_l (this worker's part)."""
+    timer = timer or PhaseTimer()
+    with timer("meta_gradient"):
+        grad_spread = []
+        for layer, keys_NI in enumerate(keys):
+            ridge = prediction.ridges[layer]
+            if prediction.form == "dual":
+                direction_IO = ridge_meta_direction(ridge, grad_shifts[layer])
+                owner = world.rank
+            else:
+                owner = world.owner(layer)
+                grad_shift_IO = world.reduce_sum_to(grad_shifts[layer].clone(), owner)
+                if world.rank == owner:
+                    direction_IO = ridge_meta_direction(ridge, grad_shift_IO)
+                else:
+                    direction_IO = grad_shift_IO.new_empty(grad_shift_IO.shape)
+                direction_IO = world.broadcast(direction_IO.contiguous(), owner)
+            if method.learn_lambda and world.rank == owner:
+                net, index = bank.net(layer)
+                grad = log_lambda_grad(bank.log_lambda(layer), direction_IO, prediction.shifts[layer])
+                _ensure_grad(net.log_lambda)
+                net.log_lambda.grad[index] += grad
+            grad_spread.append(residual_grad(keys_NI, direction_IO))
+        grad_deltas = spread_backward(grad_spread, prediction.spread_state, reduce=world.all_reduce_sum)
+    with timer("hypernet_backward"):
+        for layer, (keys_NI, grads_NO) in enumerate(zip(keys, grads)):
+            net, index = bank.net(layer)
+            hypernet_vjp(net, keys_NI, grads_NO, index, grad_deltas[layer], chunk_rows=method.chunk_rows)
+    with timer("communication"):
+        trainable = [p for p in bank.parameters() if p.requires_grad]
+        for p in trainable:
+            _ensure_grad(p)
+        world.all_reduce_grads(trainable)
+
+
+def _ensure_grad(param: torch.Tensor) -> None:
+    # Every worker must all-reduce the same set of gradient buffers, even where it had no rows.
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)

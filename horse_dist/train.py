@@ -1,0 +1,205 @@
+"""Meta-train a HORSE-family hypernetwork editor: the main job.
+
+    python -m horse_dist.train [--config FILE] [method=malmen] [data.n_edits=64] [train.steps=20] ...
+
+With no arguments it runs configs/default.yaml: SmolLM2-135M, the bundled zsRE slices, HORSE, one process,
+MLflow in ./mlflow.db. Each run writes runs/<run_name>/{config.yaml, checkpoint.pt, results.json}.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from horse_dist.build import build_engine, load_data, resolve_path
+from horse_dist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from horse_dist.config import ConfigError, RunConfig, flatten, load_config, split_cli, to_yaml
+from horse_dist.data import meta_batch_indices, shard_slice
+from horse_dist.dist.world import LocalWorld
+from horse_dist.evaluate import evaluate_pool, format_table
+from horse_dist.tracking import Tracker, make_tracker
+
+log = logging.getLogger("horse_dist.train")
+
+SUMMED = ("gen_loss", "loc_loss", "train_gs", "train_ls", "cache_loss")
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    model = Path(cfg.model.source.rstrip("/")).name.replace(".gguf", "")
+    return f"{cfg.method.name}-{model}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def prepare_run_dir(cfg: RunConfig) -> Path:
+    if cfg.train.resume and not cfg.train.run_name:
+        raise ConfigError("train.resume=true needs train.run_name (the run folder to resume)")
+    cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
+    run_dir = resolve_path(cfg.train.out_dir) / cfg.train.run_name
+    if run_dir.exists() and not cfg.train.resume and (run_dir / CHECKPOINT_NAME).exists():
+        raise ConfigError(
+            f"{run_dir} already holds a run; choose another train.run_name or set train.resume=true"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir
+
+
+def reduce_step_metrics(raw: dict[str, float], world: LocalWorld) -> dict[str, float]:
+    """Per-edit means over all workers of the summed metrics; timings are this worker's."""
+    keys = [f"{k}_sum" for k in SUMMED] + ["edits", "tokens"]
+    totals = world.all_reduce_sum(torch.tensor([raw[k] for k in keys], dtype=torch.float64))
+    total = dict(zip(keys, totals.tolist()))
+    metrics = {k: total[f"{k}_sum"] / total["edits"] for k in SUMMED}
+    metrics["tokens"] = total["tokens"]
+    metrics["grad_norm"] = raw["grad_norm"]
+    metrics.update({k: v for k, v in raw.items() if k.startswith("time/")})
+    return metrics
+
+
+def train_worker(cfg: RunConfig, run_dir: Path, world: LocalWorld, tracker: Tracker) -> dict[str, float]:
+    """The loop every worker runs; rank 0 alone writes checkpoints, logs and prints."""
+    rank0 = world.rank == 0
+    engine, tokenizer = build_engine(cfg, world)
+    pools = load_data(cfg, tokenizer)
+    trainable = [p for p in engine.bank.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.train.meta_lr)
+    start_step = 0
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    if cfg.train.resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        engine.bank.load_state_dict(state["hypernet"])
+        optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        log.info("resumed %s at step %d", checkpoint_path, start_step)
+
+    n_pool = len(pools.train.edit)
+    step_times: list[float] = []
+    phase_times: dict[str, list[float]] = {}
+    progress = tqdm(range(start_step, cfg.train.steps), desc="meta-train", disable=not rank0)
+    for step in progress:
+        indices = meta_batch_indices(n_pool, cfg.data.n_edits, cfg.train.seed, step)
+        batches = engine.batches_for(pools.train, shard_slice(indices, world.rank, world.size))
+        world.bytes_moved.clear()
+        started = time.perf_counter()
+        raw = engine.meta_step(batches, optimizer)
+        seconds = time.perf_counter() - started
+        metrics = reduce_step_metrics(raw, world)
+        metrics.update(
+            step_seconds=seconds, edits_per_s=cfg.data.n_edits / seconds, peak_rss_gb=peak_rss_gb()
+        )
+        metrics.update({f"comm_bytes/{k}": float(v) for k, v in world.bytes_moved.items()})
+        for layer, name in enumerate(engine.module_names):
+            metrics[f"eta/{name}"] = engine.bank.eta(layer)
+            metrics[f"lambda/{name}"] = float(engine.bank.log_lambda(layer).exp())
+        if torch.cuda.is_available():
+            metrics["peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        step_times.append(seconds)
+        for key, value in metrics.items():
+            if key.startswith("time/"):
+                phase_times.setdefault(key, []).append(value)
+        if rank0:
+            tracker.log_metrics(metrics, step + 1)
+            progress.set_postfix(
+                gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}", s=f"{seconds:.1f}"
+            )
+            log.info(
+                "step %d/%d  gen %.4f  loc %.4f  GS %.3f  LS %.3f  |g| %.3g  %.2fs  %s",
+                step + 1,
+                cfg.train.steps,
+                metrics["gen_loss"],
+                metrics["loc_loss"],
+                metrics["train_gs"],
+                metrics["train_ls"],
+                metrics["grad_norm"],
+                seconds,
+                " ".join(f"{k[5:]}={v:.2f}" for k, v in metrics.items() if k.startswith("time/")),
+            )
+        last = step + 1 == cfg.train.steps
+        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
+            result = evaluate_pool(
+                engine, pools.eval, cfg.train.eval_n_edits, cfg.train.eval_batches, cfg.train.seed, rank0
+            )
+            if rank0:
+                tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step + 1)
+                log.info("validation at step %d\n%s", step + 1, format_table(result))
+        if rank0 and ((cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last):
+            save_checkpoint(
+                checkpoint_path,
+                hypernet=engine.bank,
+                optimizer=optimizer,
+                step=step + 1,
+                config_yaml=to_yaml(cfg),
+                edit_modules=engine.module_names,
+            )
+
+    result = evaluate_pool(
+        engine, pools.eval, cfg.train.eval_n_edits, cfg.train.eval_batches, cfg.train.seed, rank0
+    )
+    if step_times:
+        result["median_step_seconds"] = statistics.median(step_times)
+        result.update({f"median_{k}": statistics.median(v) for k, v in phase_times.items()})
+    result["peak_rss_gb"] = peak_rss_gb()
+    if rank0:
+        tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, cfg.train.steps)
+        (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+        tracker.log_artifact(run_dir / "results.json")
+        print(f"\n{cfg.method.name} on {cfg.model.source}, {result['n_edits']:.0f} edits per batch:")  # noqa: T201
+        print(format_table(result))  # noqa: T201
+        if step_times:
+            phases = "  ".join(
+                f"{k[12:]} {v:.2f}s" for k, v in result.items() if k.startswith("median_time/")
+            )
+            print(f"median meta-step {result['median_step_seconds']:.2f}s: {phases}")  # noqa: T201
+        print(f"run folder: {run_dir}")  # noqa: T201
+    return result
+
+
+def run_local(cfg: RunConfig) -> dict[str, float]:
+    run_dir = prepare_run_dir(cfg)
+    tags = {
+        "method": cfg.method.name,
+        "model": cfg.model.source,
+        "dataset": cfg.data.name,
+        "n_edits": str(cfg.data.n_edits),
+        "world_size": "1",
+        "seed": str(cfg.train.seed),
+    }
+    experiment = cfg.tracking.experiment or f"{cfg.data.name}-{Path(cfg.model.source).name}"
+    tracker = make_tracker(cfg.tracking.enabled, cfg.tracking.uri, experiment, cfg.train.run_name, tags)
+    tracker.log_params(flatten(cfg))
+    tracker.log_artifact(run_dir / "config.yaml")
+    try:
+        result = train_worker(cfg, run_dir, LocalWorld(), tracker)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(config_file, overrides)
+    torch.manual_seed(cfg.train.seed)
+    if cfg.dist.backend != "local":
+        raise ConfigError(
+            f"dist.backend={cfg.dist.backend} is not available yet in this version; use dist.backend=local"
+        )
+    return run_local(cfg)
+
+
+if __name__ == "__main__":
+    main()
