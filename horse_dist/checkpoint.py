@@ -10,7 +10,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,29 +44,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-def save_checkpoint(
-    path: str | Path,
+def checkpoint_state(
     *,
     hypernet: torch.nn.Module,
     optimizer: torch.optim.Optimizer | None,
     step: int,
     config_yaml: str,
     edit_modules: list[str],
-    metrics: dict[str, float] | None = None,
-) -> Path:
-    return atomic_torch_save(
-        {
-            "format": "horse_dist.checkpoint.v1",
-            "hypernet": hypernet.state_dict(),
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "step": step,
-            "rng": rng_state(),
-            "config": config_yaml,
-            "edit_modules": edit_modules,
-            "metrics": metrics or {},
-        },
-        path,
-    )
+) -> dict[str, Any]:
+    """Everything needed to resume exactly or to edit with the trained hypernetwork."""
+    return {
+        "format": "horse_dist.checkpoint.v1",
+        "hypernet": hypernet.state_dict(),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": step,
+        "rng": rng_state(),
+        "config": config_yaml,
+        "edit_modules": edit_modules,
+    }
 
 
 def resolve_checkpoint_path(path: str | Path) -> Path:
@@ -88,3 +83,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != "horse_dist.checkpoint.v1":
         raise ValueError(f"{path}: not a horse_dist checkpoint (missing format tag)")
     return state
+
+
+class CheckpointStore(Protocol):
+    """Where a run's checkpoints live: a run folder, or Ray Train's checkpoint storage."""
+
+    def load_latest(self) -> dict[str, Any] | None: ...
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None: ...
+
+
+class LocalCheckpointStore:
+    """Checkpoints in a run folder; rank 0 writes, every rank may read the latest."""
+
+    def __init__(self, run_dir: str | Path, rank: int = 0) -> None:
+        self.path = Path(run_dir) / CHECKPOINT_NAME
+        self.rank = rank
+
+    def load_latest(self) -> dict[str, Any] | None:
+        return load_checkpoint(self.path) if self.path.exists() else None
+
+    def save(self, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        if self.rank == 0:
+            atomic_torch_save({**state, "metrics": metrics}, self.path)

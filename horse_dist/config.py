@@ -39,7 +39,8 @@ class DataConfig:
     drop_empty_targets: bool = True
     eval_size: int = 256
     n_edits: int = 64  # edits per meta-step
-    batch_size: int = 32  # micro-batch of LM passes
+    batch_size: int = 32  # micro-batch of LM passes (rows); also the loss normaliser, as in the public code
+    max_batch_tokens: int = 640  # and at most this many padded tokens per micro-batch (0: no limit)
     max_train_records: int = 0  # 0: all
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from horse_dist.config import ConfigError, load_config_with_extras, split_cli
-from horse_dist.data import DataFormatError, load_records, micro_batches, tokenize_example
+from horse_dist.data import DataFormatError, load_records, tokenize_example
 from horse_dist.engine import EditBatches, EditEngine
 from horse_dist.lm.passes import score_pass
 
@@ -55,9 +55,7 @@ def apply_edits(
     """Cache + predict + solve for all requests at once; returns the shifts and timings."""
     started = time.perf_counter()
     examples = [tokenize_example(tokenizer, prompt, answer) for prompt, answer in requests]
-    batches = [
-        b.to(engine.device) for b in micro_batches(examples, engine.cfg.data.batch_size, engine.pad_id)
-    ]
+    batches = engine.micro_batches(examples)
     edit_batches = EditBatches(batches, [], [], len(requests))
     cache = engine.cache(edit_batches)
     cached = time.perf_counter()

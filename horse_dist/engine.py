@@ -58,15 +58,18 @@ class EditEngine:
         self.loss_scale = float(cfg.data.batch_size)
 
     # ---- data -------------------------------------------------------------------------------------------
+    def micro_batches(self, examples: list) -> list[TokenBatch]:
+        data = self.cfg.data
+        return [
+            b.to(self.device)
+            for b in micro_batches(examples, data.batch_size, self.pad_id, data.max_batch_tokens)
+        ]
+
     def batches_for(self, pool: TokenizedRecords, indices: list[int]) -> EditBatches:
-        size = self.cfg.data.batch_size
+        def pick(examples):
+            return self.micro_batches([examples[i] for i in indices])
 
-        def cut(examples):
-            return [
-                b.to(self.device) for b in micro_batches([examples[i] for i in indices], size, self.pad_id)
-            ]
-
-        return EditBatches(cut(pool.edit), cut(pool.equiv), cut(pool.unrel), len(indices))
+        return EditBatches(pick(pool.edit), pick(pool.equiv), pick(pool.unrel), len(indices))
 
     # ---- editing ----------------------------------------------------------------------------------------
     def cache(self, batches: EditBatches) -> CacheResult:

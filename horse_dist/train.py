@@ -20,7 +20,13 @@ import torch
 from tqdm import tqdm
 
 from horse_dist.build import build_engine, load_data, resolve_path
-from horse_dist.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from horse_dist.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointStore,
+    LocalCheckpointStore,
+    checkpoint_state,
+    set_rng_state,
+)
 from horse_dist.config import ConfigError, RunConfig, flatten, load_config, split_cli, to_yaml
 from horse_dist.data import meta_batch_indices, shard_slice
 from horse_dist.dist.world import LocalWorld
@@ -67,22 +73,23 @@ def reduce_step_metrics(raw: dict[str, float], world: LocalWorld) -> dict[str, f
     return metrics
 
 
-def train_worker(cfg: RunConfig, run_dir: Path, world: LocalWorld, tracker: Tracker) -> dict[str, float]:
-    """The loop every worker runs; rank 0 alone writes checkpoints, logs and prints."""
+def train_worker(
+    cfg: RunConfig, run_dir: Path, world: LocalWorld, tracker: Tracker, store: CheckpointStore
+) -> dict[str, float]:
+    """The loop every worker runs; rank 0 alone logs and prints, the store decides who writes."""
     rank0 = world.rank == 0
     engine, tokenizer = build_engine(cfg, world)
     pools = load_data(cfg, tokenizer)
     trainable = [p for p in engine.bank.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.train.meta_lr)
     start_step = 0
-    checkpoint_path = run_dir / CHECKPOINT_NAME
-    if cfg.train.resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+    state = store.load_latest() if cfg.train.resume else None
+    if state is not None:
         engine.bank.load_state_dict(state["hypernet"])
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step = state["step"]
-        log.info("resumed %s at step %d", checkpoint_path, start_step)
+        log.info("resumed at step %d", start_step)
 
     n_pool = len(pools.train.edit)
     step_times: list[float] = []
@@ -134,15 +141,15 @@ def train_worker(cfg: RunConfig, run_dir: Path, world: LocalWorld, tracker: Trac
             if rank0:
                 tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step + 1)
                 log.info("validation at step %d\n%s", step + 1, format_table(result))
-        if rank0 and ((cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last):
-            save_checkpoint(
-                checkpoint_path,
+        if (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last:
+            state = checkpoint_state(
                 hypernet=engine.bank,
                 optimizer=optimizer,
                 step=step + 1,
                 config_yaml=to_yaml(cfg),
                 edit_modules=engine.module_names,
             )
+            store.save(state, metrics)
 
     result = evaluate_pool(
         engine, pools.eval, cfg.train.eval_n_edits, cfg.train.eval_batches, cfg.train.seed, rank0
@@ -181,7 +188,7 @@ def run_local(cfg: RunConfig) -> dict[str, float]:
     tracker.log_params(flatten(cfg))
     tracker.log_artifact(run_dir / "config.yaml")
     try:
-        result = train_worker(cfg, run_dir, LocalWorld(), tracker)
+        result = train_worker(cfg, run_dir, LocalWorld(), tracker, LocalCheckpointStore(run_dir))
     except BaseException:
         tracker.finish("FAILED")
         raise

@@ -435,6 +435,18 @@ def test_micro_batches_sort_longest_first_and_cover_every_example_once():
         micro_batches(examples, batch_size=0, pad_id=0)
 
 
+def test_micro_batches_respect_the_padded_token_budget():
+    examples = [example([1] * n, 1) for n in (10, 2, 3, 9, 2, 2)]
+    batches = micro_batches(examples, batch_size=4, pad_id=0, max_tokens=20)
+    # sorted lengths 10, 9, 3, 2, 2, 2: [10, 9] pads to 20 tokens; [3, 2, 2, 2] pads to 12 (4 rows max)
+    assert [b.example_ids.tolist() for b in batches] == [[0, 3], [2, 1, 4, 5]]
+    assert all(b.input_ids.numel() <= 20 for b in batches)
+    # a single row longer than the budget still gets a batch of its own
+    assert [b.input_ids.shape for b in micro_batches([example([1] * 30, 1)], 4, 0, max_tokens=20)] == [
+        (1, 30)
+    ]
+
+
 def test_meta_batch_indices_is_a_pure_function_of_seed_and_step():
     pool, n = 10, 3
     assert steps_per_epoch(pool, n) == 3

@@ -41,12 +41,27 @@ def collate(examples: list[TokenizedExample], example_ids: list[int], pad_id: in
     return TokenBatch(input_ids, attention_mask, labels, torch.tensor(example_ids, dtype=torch.long))
 
 
-def micro_batches(examples: list[TokenizedExample], batch_size: int, pad_id: int) -> list[TokenBatch]:
-    """Longest first (stable sort), so rows of similar length share a batch; example id = position in `examples`."""
+def micro_batches(
+    examples: list[TokenizedExample], batch_size: int, pad_id: int, max_tokens: int = 0
+) -> list[TokenBatch]:
+    """Longest first (stable sort), so rows of similar length share a batch; example id = position in `examples`.
+
+    A batch holds at most `batch_size` rows and, if `max_tokens` > 0, at most `max_tokens` padded tokens
+    (rows × longest row; a single longer row still gets its own batch). On CPU a pass costs about its padded
+    token count, so the token budget keeps long outliers from inflating a whole batch of short rows.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i].input_ids))
-    chunks = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    chunks: list[list[int]] = []
+    for i in order:
+        if chunks:
+            chunk = chunks[-1]
+            longest = len(examples[chunk[0]].input_ids)  # sorted: the first row is the longest
+            if len(chunk) < batch_size and (max_tokens <= 0 or longest * (len(chunk) + 1) <= max_tokens):
+                chunk.append(i)
+                continue
+        chunks.append([i])
     return [collate([examples[i] for i in chunk], chunk, pad_id) for chunk in chunks]
 
 
