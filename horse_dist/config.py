@@ -54,6 +54,9 @@ class MethodConfig:
     rank: int = 1920
     n_blocks: int = 2
     eta_init: float = 1e-6
+    # constant: η is the raw step size (reference code); key_energy: η is measured in units of
+    # 1 / mean ‖K_l‖², set per layer from the first meta-batch
+    eta_init_mode: str = "constant"
     log_lambda_init: float = 0.0
     solve_form: str = "auto"  # auto | primal | dual
     solve_dtype: str = "float32"  # float32 | float64
@@ -64,6 +67,7 @@ class MethodConfig:
 class TrainConfig:
     steps: int = 20
     meta_lr: float = 1e-5
+    scalar_lr: float = 0.0  # Adam lr of the per-layer scalars η and λ; 0: meta_lr
     max_grad_norm: float = 1.0
     seed: int = 0
     eval_every: int = 0  # 0: evaluate at the end only
@@ -110,6 +114,7 @@ CHOICES = {
     "method.spread": ("orthogonal", "reference", "none"),
     "method.locality": ("ce", "kl"),
     "method.solve_form": ("auto", "primal", "dual"),
+    "method.eta_init_mode": ("constant", "key_energy"),
     "method.solve_dtype": ("float32", "float64"),
     "dist.backend": ("local", "ray"),
     "dist.zero_stage": (0, 3),

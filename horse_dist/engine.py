@@ -14,6 +14,7 @@ from torch import nn
 
 from horse_dist.config import RunConfig
 from horse_dist.data import TokenBatch, TokenizedRecords, micro_batches
+from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
 from horse_dist.lm.hooks import EditHooks
 from horse_dist.lm.passes import CacheResult, cache_pass, loss_pass, score_pass
@@ -24,6 +25,7 @@ from horse_dist.pipeline import (
     Prediction,
     meta_backward,
     predict_shifts,
+    set_step_units_from_keys,
     update_normalizers,
 )
 
@@ -73,7 +75,8 @@ class EditEngine:
 
     # ---- editing ----------------------------------------------------------------------------------------
     def cache(self, batches: EditBatches) -> CacheResult:
-        return cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale)
+        cache = cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale)
+        return spill_over_budget(cache, self.cfg.dist.cache_budget_gb)  # unchanged within the budget
 
     def predict(
         self, cache: CacheResult, learn_statistics: bool, timer: PhaseTimer | None = None
@@ -83,12 +86,26 @@ class EditEngine:
         if learn_statistics or not self.bank.normalizers_ready():
             if not learn_statistics:
                 log.warning("hypernetwork normaliser has no statistics yet; using this batch's")
+            if self.cfg.method.eta_init_mode == "key_energy" and not self.bank.normalizers_ready():
+                set_step_units_from_keys(self.bank, cache.keys, self.world)
             update_normalizers(self.bank, cache.keys, cache.grads, self.world)
         return predict_shifts(
             self.bank, cache.keys, cache.grads, self.cfg.method, self.world, self.module_names, timer
         )
 
     # ---- training ---------------------------------------------------------------------------------------
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        """Adam; the per-layer scalars (η, λ) may get their own learning rate."""
+        train = self.cfg.train
+        scalars = [p for n, p in self.bank.named_parameters() if n.endswith(("eta", "log_lambda"))]
+        scalar_ids = {id(p) for p in scalars}
+        blocks = [p for p in self.bank.parameters() if id(p) not in scalar_ids]
+        groups = [
+            {"params": [p for p in blocks if p.requires_grad], "lr": train.meta_lr},
+            {"params": [p for p in scalars if p.requires_grad], "lr": train.scalar_lr or train.meta_lr},
+        ]
+        return torch.optim.Adam(groups)
+
     def meta_step(self, batches: EditBatches, optimizer: torch.optim.Optimizer) -> dict[str, float]:
         """One meta-step on this worker's slice; returns metrics summed over this worker's edits."""
         method, timer = self.cfg.method, PhaseTimer()

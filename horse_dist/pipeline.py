@@ -79,8 +79,9 @@ class HyperNetBank(nn.Module):
         return self.nets[key], index
 
     def eta(self, layer: int) -> float:
+        """The step size η_l as the residual formula uses it."""
         net, index = self.net(layer)
-        return float(net.eta[index])
+        return float(net.step_size(index).detach())
 
     def log_lambda(self, layer: int) -> torch.Tensor:
         net, index = self.net(layer)
@@ -105,6 +106,19 @@ def update_normalizers(
         world.all_reduce_sum(moments)
         width = (moments.numel() - 1) // 2
         net.normalizer.update(moments[0], moments[1 : 1 + width], moments[1 + width :])
+
+
+def set_step_units_from_keys(bank: HyperNetBank, keys: list[torch.Tensor], world: LocalWorld) -> None:
+    """η_l's unit := 1 / mean_i ‖K_l,i‖² over this meta-batch (all workers), so that c_i = −η (K_i·K̃_i) is
+    a dimensionless multiple of the key energy and one η init suits every layer (key energies of adjacent
+    layers of one LM differ by up to ~30x). Called once, before the first meta-step of a fresh run."""
+    energy_L = torch.stack([(k.double() ** 2).sum() for k in keys])
+    rows_L = torch.tensor([float(k.shape[0]) for k in keys], dtype=torch.float64, device=energy_L.device)
+    totals = world.all_reduce_sum(torch.cat([energy_L, rows_L]))
+    mean_energy_L = totals[: len(keys)] / totals[len(keys) :].clamp_min(1.0)
+    for key, net in bank.nets.items():
+        layers = [i for i, (slot_key, _) in enumerate(bank.slots) if slot_key == key]
+        net.set_step_units((1.0 / mean_energy_L[layers].clamp_min(1e-12)).float())
 
 
 @dataclass
@@ -146,7 +160,7 @@ def predict_shifts(
             for start in range(0, keys_NI.shape[0], method.chunk_rows):
                 k, g = keys_NI[start : start + method.chunk_rows], grads_NO[start : start + method.chunk_rows]
                 pseudo_keys, pseudo_grads = net(k, g, index)
-                chunks.append(residual(k, pseudo_keys, pseudo_grads, net.eta[index]))
+                chunks.append(residual(k, pseudo_keys, pseudo_grads, net.step_size(index)))
             deltas.append(torch.cat(chunks) if chunks else grads_NO.new_zeros(grads_NO.shape))
     with timer("spread"):
         spread, state = spread_forward(

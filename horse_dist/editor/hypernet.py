@@ -114,7 +114,7 @@ class HyperNet(nn.Module):
     """h_φ for one (d_in, d_out) shape, shared by the L edited layers of that shape.
 
     forward(K_NI, G_NO, l) = split(blocks(normalise([K, G]), l), [I, O]) = (K̃_NI, G̃_NO), in normalised
-    units, float32. Per-layer learnables: the blocks' scale/shift rows, step size η_l (`eta`) and the ridge
+    units, float32. Per-layer learnables: the blocks' scale/shift rows, step size η_l (`eta` × fixed `eta_unit`) and the ridge
     log-strength λ_l (`log_lambda`, the ridge is e^{λ_l}). The normaliser is updated by the caller
     (`normalizer.update(*batch_moments(...))`, summed over workers), never inside forward.
     """
@@ -135,13 +135,26 @@ class HyperNet(nn.Module):
         self.normalizer = RunningNormalizer(size)
         self.blocks = nn.ModuleList(LowRankBlock(size, rank, n_layers) for _ in range(n_blocks))
         self.eta = nn.Parameter(torch.full((n_layers,), float(eta_init)))
+        # Fixed per-layer unit of η (1 = the raw step size of the reference code); see set_step_units.
+        self.register_buffer("eta_unit", torch.ones(n_layers))
         self.log_lambda = nn.Parameter(torch.full((n_layers,), float(log_lambda_init)))
+
+    def step_size(self, layer: int) -> Tensor:
+        """η_l in the units of the residual formula: the learnable η times its fixed per-layer unit."""
+        return self.eta[layer] * self.eta_unit[layer]
+
+    @torch.no_grad()
+    def set_step_units(self, units_L: Tensor) -> None:
+        """Measure η per layer in `units_L` (e.g. 1 / mean ‖K_l‖², which makes η dimensionless and one init
+        right for layers whose key energies differ by orders of magnitude)."""
+        self.eta_unit.copy_(units_L.to(self.eta_unit))
 
     def forward(self, keys_NI: Tensor, grads_NO: Tensor, layer: int) -> tuple[Tensor, Tensor]:
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer index {layer} out of range for a HyperNet of {self.n_layers} layers")
-        # Always float32: bf16 caches would make the normalised inputs and the residual too coarse.
-        x_NF = torch.cat([keys_NI.float(), grads_NO.float()], dim=-1)
+        # In the parameters' dtype (float32; float64 in reference tests), never in bf16 cache precision.
+        work = self.eta.dtype
+        x_NF = torch.cat([keys_NI.to(work), grads_NO.to(work)], dim=-1)
         h_NF = self.normalizer(x_NF)
         for block in self.blocks:
             h_NF = block(h_NF, layer)

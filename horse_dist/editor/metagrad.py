@@ -60,5 +60,5 @@ def hypernet_vjp(
         rows = slice(start, start + chunk_rows)
         with torch.enable_grad():
             pseudo_keys, pseudo_grads = net(keys_NI[rows], grads_NO[rows], layer)
-            delta_c = residual(keys_NI[rows], pseudo_keys, pseudo_grads, net.eta[layer])
+            delta_c = residual(keys_NI[rows], pseudo_keys, pseudo_grads, net.step_size(layer))
             (grad_delta_NO[rows].to(delta_c.dtype) * delta_c).sum().backward()
