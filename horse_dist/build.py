@@ -68,9 +68,21 @@ def load_data(cfg: RunConfig, tokenizer) -> DataPools:
 def build_engine(cfg: RunConfig, world: LocalWorld | None = None) -> tuple[EditEngine, object]:
     """Load the frozen LM and wrap it in an engine; returns (engine, tokenizer)."""
     device = pick_device(cfg.model.device)
-    model, tokenizer = load_frozen_lm(cfg.model.source, dtype=cfg.model.dtype, device=str(device))
+    ds_lm = None
+    if cfg.dist.backend == "ray":
+        # A distributed worker: the frozen LM under DeepSpeed ZeRO (stage from cfg.dist), forward through
+        # engine.module. Imported lazily: deepspeed takes seconds to import and local runs never need it.
+        from horse_dist.dist.deepspeed_lm import load_frozen_lm_deepspeed
+
+        ds_lm = load_frozen_lm_deepspeed(
+            cfg.model.source, cfg.dist.zero_stage, cfg.dist.offload_params, cfg.model.dtype
+        )
+        model, tokenizer = ds_lm.model, ds_lm.tokenizer
+    else:
+        model, tokenizer = load_frozen_lm(cfg.model.source, dtype=cfg.model.dtype, device=str(device))
     names = resolve_edit_modules(model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.train.seed)  # the hypernetwork's init
     engine = EditEngine(cfg, model, pad_id, names, world or LocalWorld(), device)
+    engine.deepspeed = ds_lm  # keeps the DeepSpeed engine (owner of the ZeRO partitions) alive
     return engine, tokenizer

@@ -126,7 +126,7 @@ class Prediction:
     shifts: list[torch.Tensor]  # per layer S_l (I, O), identical on every worker
     ridges: list[PrimalRidge | DualRidge | None]  # factor of A_l on its owner (None elsewhere)
     spread_state: SpreadState
-    form: str  # primal | dual
+    forms: list[str]  # per layer: primal | dual
 
 
 def _solve_form(method: MethodConfig, n_rows: int, d_in: int, world: LocalWorld) -> str:
@@ -167,11 +167,11 @@ def predict_shifts(
             deltas, method.spread, raw_grads=grads, reduce=world.all_reduce_sum, names=names
         )
     with timer("solve"):
-        form = _solve_form(method, keys[0].shape[0], keys[0].shape[1], world)
+        forms = [_solve_form(method, k.shape[0], k.shape[1], world) for k in keys]
         shifts, ridges = [], []
         for layer, (keys_NI, delta_NO) in enumerate(zip(keys, spread)):
             log_lambda = bank.log_lambda(layer)
-            if form == "dual":
+            if forms[layer] == "dual":
                 ridge = DualRidge.factor(keys_NI, log_lambda, dtype=solve_dtype, name=names[layer])
                 shifts.append(ridge.shift(delta_NO))
                 ridges.append(ridge)
@@ -186,7 +186,7 @@ def predict_shifts(
                 ridge, shift_IO = None, rhs_IO.new_empty(rhs_IO.shape)
             shifts.append(world.broadcast(shift_IO.contiguous(), owner))
             ridges.append(ridge)
-    return Prediction(shifts, ridges, state, form)
+    return Prediction(shifts, ridges, state, forms)
 
 
 def meta_backward(
@@ -205,7 +205,7 @@ def meta_backward(
         grad_spread = []
         for layer, keys_NI in enumerate(keys):
             ridge = prediction.ridges[layer]
-            if prediction.form == "dual":
+            if prediction.forms[layer] == "dual":
                 direction_IO = ridge_meta_direction(ridge, grad_shifts[layer])
                 owner = world.rank
             else:

@@ -73,6 +73,17 @@ def reduce_step_metrics(raw: dict[str, float], world: LocalWorld) -> dict[str, f
     return metrics
 
 
+def gather_worker_metrics(values: dict[str, float], world: LocalWorld) -> dict[str, float]:
+    """`key/w<rank>` for every worker's value of each key (same keys on every worker); {} in one process."""
+    if world.size == 1:
+        return {}
+    keys = sorted(values)
+    table = torch.zeros(world.size, len(keys), dtype=torch.float64)
+    table[world.rank] = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    world.all_reduce_sum(table)
+    return {f"{k}/w{r}": float(table[r, i]) for r in range(world.size) for i, k in enumerate(keys)}
+
+
 def train_worker(
     cfg: RunConfig, run_dir: Path, world: LocalWorld, tracker: Tracker, store: CheckpointStore
 ) -> dict[str, float]:
@@ -80,8 +91,7 @@ def train_worker(
     rank0 = world.rank == 0
     engine, tokenizer = build_engine(cfg, world)
     pools = load_data(cfg, tokenizer)
-    trainable = [p for p in engine.bank.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=cfg.train.meta_lr)
+    optimizer = engine.make_optimizer()
     start_step = 0
     state = store.load_latest() if cfg.train.resume else None
     if state is not None:
@@ -102,11 +112,15 @@ def train_worker(
         started = time.perf_counter()
         raw = engine.meta_step(batches, optimizer)
         seconds = time.perf_counter() - started
+        moved = dict(world.bytes_moved)  # the meta-step's collectives, not the metric reductions below
         metrics = reduce_step_metrics(raw, world)
         metrics.update(
             step_seconds=seconds, edits_per_s=cfg.data.n_edits / seconds, peak_rss_gb=peak_rss_gb()
         )
-        metrics.update({f"comm_bytes/{k}": float(v) for k, v in world.bytes_moved.items()})
+        metrics.update({f"comm_bytes/{k}": float(v) for k, v in moved.items()})
+        per_worker = {k: v for k, v in raw.items() if k.startswith("time/")}
+        per_worker.update(step_seconds=seconds, peak_rss_gb=metrics["peak_rss_gb"])
+        metrics.update(gather_worker_metrics(per_worker, world))
         for layer, name in enumerate(engine.module_names):
             metrics[f"eta/{name}"] = engine.bank.eta(layer)
             metrics[f"lambda/{name}"] = float(engine.bank.log_lambda(layer).exp())
@@ -158,6 +172,7 @@ def train_worker(
         result["median_step_seconds"] = statistics.median(step_times)
         result.update({f"median_{k}": statistics.median(v) for k, v in phase_times.items()})
     result["peak_rss_gb"] = peak_rss_gb()
+    result.update(gather_worker_metrics({"peak_rss_gb": result["peak_rss_gb"]}, world))
     if rank0:
         tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, cfg.train.steps)
         (run_dir / "results.json").write_text(json.dumps(result, indent=2))
@@ -166,7 +181,9 @@ def train_worker(
         print(format_table(result))  # noqa: T201
         if step_times:
             phases = "  ".join(
-                f"{k[12:]} {v:.2f}s" for k, v in result.items() if k.startswith("median_time/")
+                f"{k[12:]} {v:.2f}s"
+                for k, v in result.items()
+                if k.startswith("median_time/") and "/w" not in k[12:]
             )
             print(f"median meta-step {result['median_step_seconds']:.2f}s: {phases}")  # noqa: T201
         print(f"run folder: {run_dir}")  # noqa: T201
@@ -201,10 +218,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_file, overrides)
     torch.manual_seed(cfg.train.seed)
-    if cfg.dist.backend != "local":
-        raise ConfigError(
-            f"dist.backend={cfg.dist.backend} is not available yet in this version; use dist.backend=local"
-        )
+    if cfg.dist.backend == "ray":
+        from horse_dist.dist.ray_launch import run_ray
+
+        return run_ray(cfg)
+    if cfg.dist.num_workers != 1:
+        raise ConfigError(f"dist.num_workers={cfg.dist.num_workers} needs dist.backend=ray")
     return run_local(cfg)
 
 
