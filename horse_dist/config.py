@@ -95,6 +95,14 @@ class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
     experiment: str = ""  # empty: <dataset>-<model>
+    artifact_location: str = ""  # new experiments only; empty: <sqlite db folder>/mlruns, or the server's
+    system_metrics: bool = True  # MLflow's CPU/memory/GPU sampler (psutil)
+    system_metrics_interval_s: float = 10.0
+    register_model: bool = True  # register the final hypernetwork as horse_dist-<model>-<method>
+    queue_size: int = 1000  # metric batches buffered for the background logger; more are dropped, counted
+    flush_timeout_s: float = 30.0  # how long finish() waits for the buffered metrics
+    http_timeout_s: float = 10.0  # per request to a tracking server
+    http_retries: int = 1
 
 
 @dataclass

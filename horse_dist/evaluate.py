@@ -1,6 +1,7 @@
 """ES / GS / LS of a trained hypernetwork at any number of edits, beside the unedited model.
 
     python -m horse_dist.evaluate checkpoint=runs/<run> [data.n_edits=64] [train.eval_batches=4] [key=value ...]
+    python -m horse_dist.evaluate checkpoint=runs/<run> sweep=16,32,64   # an MLflow parent run, a child per n_edits
 
 ES/GS/LS are per-edit teacher-forced top-1 token accuracies over the answer tokens, averaged over edits
 (MALMEN/HORSE semantics; LS against the unrelated prompts' own answers). loc_agreement is the fraction of
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg, extras = load_config_with_extras(config_file, overrides, extras=("checkpoint", "out"))
+    cfg, extras = load_config_with_extras(config_file, overrides, extras=("checkpoint", "out", "sweep"))
     if "checkpoint" not in extras:
         raise ConfigError("evaluate needs checkpoint=PATH (a checkpoint file or a run folder)")
     state = load_checkpoint(extras["checkpoint"])
@@ -71,6 +72,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     engine, tokenizer = build_engine(cfg)
     engine.bank.load_state_dict(state["hypernet"])
     pools = load_data(cfg, tokenizer)
+    if "sweep" in extras:
+        sizes = [int(n) for n in extras["sweep"].split(",") if n.strip()]
+        result = run_sweep(cfg, engine, pools.eval, sizes, str(extras["checkpoint"]))
+        if "out" in extras:
+            with open(extras["out"], "w") as handle:
+                json.dump(result, handle, indent=2)
+        return result
     result = evaluate_pool(engine, pools.eval, cfg.data.n_edits, cfg.train.eval_batches, cfg.train.seed)
     print(format_table(result))  # noqa: T201
     if "out" in extras:
@@ -79,11 +87,77 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return result
 
 
+def run_sweep(
+    cfg: RunConfig, engine: EditEngine, pool: TokenizedRecords, sizes: list[int], checkpoint: str
+) -> dict[str, float]:
+    """Evaluate at each number of edits: one MLflow parent run, a nested child run per size, and the
+    ES/GS/LS-against-edits plot on the parent. Returns `n_edits=<n>/<metric>` for every size."""
+    import tempfile
+    from pathlib import Path
+
+    from horse_dist.config import flatten
+    from horse_dist.tracking import experiment_name, make_tracker, plot_vs_edits, run_tags
+
+    experiment = experiment_name(cfg)
+    tags = run_tags(cfg, world_size=1)
+    name = f"sweep-{Path(checkpoint).name}-{cfg.data.name}"
+    parent = make_tracker(
+        cfg.tracking.enabled,
+        cfg.tracking.uri,
+        experiment,
+        name,
+        {**tags, "sweep": "n_edits", "checkpoint": checkpoint},
+        cfg.tracking,
+    )
+    parent.log_params({**flatten(cfg), "sweep.n_edits": ",".join(map(str, sizes))})
+    rows, flat = [], {}
+    try:
+        for n_edits in sizes:
+            child = make_tracker(
+                cfg.tracking.enabled,
+                cfg.tracking.uri,
+                experiment,
+                f"{name}-n{n_edits}",
+                {**tags, "n_edits": str(n_edits), "checkpoint": checkpoint},
+                cfg.tracking,
+                parent_run_id=getattr(parent, "run_id", None),
+            )
+            cfg.data.n_edits = n_edits
+            child.log_params(flatten(cfg))
+            result = evaluate_pool(engine, pool, n_edits, cfg.train.eval_batches, cfg.train.seed)
+            child.log_metrics({f"eval/{k}": v for k, v in result.items()}, 0)
+            child.finish()
+            parent.log_metrics({f"eval/{k}": v for k, v in result.items()}, n_edits)
+            print(f"\n{n_edits} edits per batch:\n{format_table(result)}")  # noqa: T201
+            rows.append(result)
+            flat.update({f"n_edits={n_edits}/{k}": v for k, v in result.items()})
+        try:
+            figure = plot_vs_edits(rows, title=f"{cfg.method.name} on {cfg.model.source}, {cfg.data.name}")
+        except Exception as err:  # e.g. no matplotlib
+            log.warning("could not plot the sweep (%s)", err)
+        else:
+            parent.log_figure(figure, "plots/metrics_vs_edits.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "sweep.json"
+            path.write_text(json.dumps(rows, indent=2))
+            parent.log_artifact(path)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish()
+    return flat
+
+
 def _config_from_checkpoint(state: dict, cfg: RunConfig, overrides: list[str]) -> RunConfig:
     """The checkpoint's model and method win (the hypernetwork depends on them); data/eval keys may change."""
     from horse_dist.config import config_from_yaml
 
-    saved = config_from_yaml(state["config"], [o for o in overrides if not o.startswith("checkpoint=")])
+    saved = config_from_yaml(
+        state["config"], [o for o in overrides if not o.startswith(("checkpoint=", "out=", "sweep="))]
+    )
     saved.tracking = cfg.tracking
     return saved
 

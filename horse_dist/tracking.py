@@ -1,76 +1,412 @@
-"""Experiment tracking (rank 0 only). A tracking failure is logged once and training goes on."""
+"""Experiment tracking (rank 0 only). A tracking failure is logged once and training goes on.
+
+Metrics go through a bounded queue to a background thread, so a slow tracking server never blocks a
+training step: when the queue is full a batch is dropped and counted (`tracking/dropped_batches`), and
+`finish()` waits at most `flush_timeout_s` for what is still queued. Params, tags and artifacts are
+logged synchronously (a few calls per run).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import re
+import threading
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
 
+PARENT_TAG = "mlflow.parentRunId"
+LOSS_KEYS = ("gen_loss", "loc_loss", "cache_loss")
+_STOP = object()
+
 
 class Tracker(Protocol):
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_artifact(self, path: str | Path) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_figure(self, figure: Any, artifact_file: str) -> None: ...
+    def register_model(self, checkpoint: str | Path, name: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
 class NullTracker:
+    run_id: str | None = None
+
     def log_params(self, params: dict[str, Any]) -> None:
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def log_artifact(self, path: str | Path) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        pass
+
+    def register_model(self, checkpoint: str | Path, name: str) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+
+def git_commit(start: str | Path | None = None) -> str:
+    """The checked-out commit of the git checkout holding `start` (this package by default), read from
+    .git without running git; "unknown" outside a checkout."""
+    here = Path(start or __file__).resolve()
+    for folder in [here, *here.parents]:
+        dot_git = folder / ".git"
+        if dot_git.is_file():  # a worktree or submodule: "gitdir: PATH"
+            text = dot_git.read_text().strip()
+            if not text.startswith("gitdir:"):
+                return "unknown"
+            dot_git = (folder / text.split(":", 1)[1].strip()).resolve()
+        if not dot_git.is_dir():
+            continue
+        try:
+            head = (dot_git / "HEAD").read_text().strip()
+            if not head.startswith("ref:"):
+                return head
+            ref = head.split(":", 1)[1].strip()
+            common = dot_git
+            if (dot_git / "commondir").exists():
+                common = (dot_git / (dot_git / "commondir").read_text().strip()).resolve()
+            for base in (dot_git, common):
+                if (base / ref).exists():
+                    return (base / ref).read_text().strip()
+            packed = common / "packed-refs"
+            if packed.exists():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+        except OSError:
+            pass
+        return "unknown"
+    return "unknown"
+
+
+def registered_model_name(model_source: str, method: str) -> str:
+    model = Path(model_source.rstrip("/")).name.replace(".gguf", "") or "model"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"horse_dist-{model}-{method}")
+
+
+def _default_artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store beside its database file (MLflow's default is ./mlruns of the CWD)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return (Path(uri[len(prefix) :]).resolve().parent / "mlruns").as_uri()
+
+
+def _http_settings(timeout_s: float, retries: int) -> None:
+    """MLflow retries HTTP with exponential backoff for minutes by default; the user's env still wins."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(1, timeout_s))))
 
 
 class MLflowTracker:
-    def __init__(self, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> None:
-        import mlflow
+    """One MLflow run (a child run when `parent_run_id` is given), through MlflowClient only."""
 
-        self._mlflow = mlflow
-        self._broken = False
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(experiment)
-        self.run = mlflow.start_run(run_name=run_name, tags=tags)
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str],
+        *,
+        parent_run_id: str | None = None,
+        artifact_location: str = "",
+        system_metrics: bool = False,
+        system_metrics_interval_s: float = 10.0,
+        queue_size: int = 1000,
+        flush_timeout_s: float = 30.0,
+        http_timeout_s: float = 10.0,
+        http_retries: int = 1,
+    ) -> None:
+        from mlflow import MlflowClient
+
+        if uri.startswith(("http://", "https://")):
+            _http_settings(http_timeout_s, http_retries)
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            location = artifact_location or _default_artifact_location(uri)
+            experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        tags = {"git_commit": git_commit(), **tags}
+        if parent_run_id:
+            tags[PARENT_TAG] = parent_run_id
+        self.run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
         self.run_id = self.run.info.run_id
+        self.experiment_id = experiment_id
+        self._broken = False
+        self._finished = False
+        self.dropped = 0
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._flush_timeout_s = flush_timeout_s
+        self._thread = threading.Thread(target=self._drain, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+        self._monitor = None
+        if system_metrics:
+            self._start_system_metrics(system_metrics_interval_s)
 
-    def _safely(self, what: str, fn, *args, **kwargs) -> None:
+    # -- helpers --------------------------------------------------------------------------------------
+    def _safely(self, what: str, fn, *args, **kwargs) -> Any:
         if self._broken:
-            return
+            return None
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as err:  # never let tracking stop training
             self._broken = True
             log.warning("MLflow %s failed (%s); tracking disabled for the rest of this run", what, err)
+            return None
 
+    def _start_system_metrics(self, interval_s: float) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=interval_s, tracking_uri=self.uri
+            )
+            self._monitor.start()
+        except Exception as err:
+            self._monitor = None
+            log.warning("MLflow system metrics unavailable (%s); continuing without them", err)
+
+    def _drain(self) -> None:
+        from mlflow.entities import Metric
+
+        while True:
+            item = self._queue.get()
+            if item is _STOP:
+                return
+            metrics, step, stamp = item
+            entries = [Metric(k, v, stamp, step) for k, v in metrics.items()]
+            for start in range(0, len(entries), 1000):  # MLflow's log_batch limit
+                self._safely(
+                    "log_metrics", self.client.log_batch, self.run_id, metrics=entries[start : start + 1000]
+                )
+
+    # -- Tracker --------------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
-        clean = {k: ("" if v is None else str(v)[:500]) for k, v in params.items()}
-        self._safely("log_params", self._mlflow.log_params, clean)
+        from mlflow.entities import Param
+
+        clean = [Param(k, "" if v is None else str(v)[:500]) for k, v in params.items()]
+        for start in range(0, len(clean), 100):  # MLflow's per-batch params limit
+            self._safely("log_params", self.client.log_batch, self.run_id, params=clean[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._safely(
-            "log_metrics", self._mlflow.log_metrics, {k: float(v) for k, v in metrics.items()}, step=step
-        )
+        values = {k: float(v) for k, v in metrics.items()}
+        for key in values:
+            if key in LOSS_KEYS or key.startswith("eval/"):
+                self.history.setdefault(key, []).append((step, values[key]))
+        if self._broken or self._finished:
+            return
+        try:
+            self._queue.put_nowait((values, step, int(time.time() * 1000)))
+        except queue.Full:
+            self.dropped += 1
 
-    def log_artifact(self, path: str | Path) -> None:
-        self._safely("log_artifact", self._mlflow.log_artifact, str(path))
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._safely("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self._safely("set_tag", self.client.set_tag, self.run_id, key, str(value))
+
+    def log_figure(self, figure: Any, artifact_file: str) -> None:
+        self._safely("log_figure", self.client.log_figure, self.run_id, figure, artifact_file)
+
+    def register_model(self, checkpoint: str | Path, name: str) -> None:
+        """Log the checkpoint under `hypernetwork/` and register it as a new version of `name`."""
+        checkpoint = Path(checkpoint)
+        self.log_artifact(checkpoint, "hypernetwork")
+        if self._broken:
+            return
+        self._safely("register_model", self._register, f"hypernetwork/{checkpoint.name}", name)
+
+    def _register(self, artifact: str, name: str) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(
+                name, description="HORSE/MALMEN hypernetwork checkpoints (horse_dist)"
+            )
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        source = f"{self.run.info.artifact_uri.rstrip('/')}/{artifact}"
+        version = self.client.create_model_version(
+            name, source=source, run_id=self.run_id, tags={"checkpoint": artifact}
+        )
+        self.set_tags({"registered_model": f"{name}/{version.version}"})
+        log.info("registered %s version %s (%s)", name, version.version, source)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self._safely("end_run", self._mlflow.end_run, status=status)
+        if self._finished:
+            return
+        self._finished = True
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception as err:
+                log.warning("MLflow system metrics did not stop cleanly (%s)", err)
+        try:
+            self._queue.put(_STOP, timeout=self._flush_timeout_s)
+        except queue.Full:
+            pass
+        self._thread.join(self._flush_timeout_s)
+        if self._thread.is_alive():
+            left = self._queue.qsize()
+            self.dropped += left
+            log.warning(
+                "MLflow metrics still queued after %.0fs: %d batches not logged", self._flush_timeout_s, left
+            )
+        if self.dropped:
+            log.warning("MLflow tracking dropped %d metric batches (queue full)", self.dropped)
+            self._safely(
+                "log_metric",
+                self.client.log_metric,
+                self.run_id,
+                "tracking/dropped_batches",
+                float(self.dropped),
+            )
+        if any(k in LOSS_KEYS for k in self.history):  # a training run (not an evaluation or sweep)
+            self._log_loss_plot()
+        self._safely("end_run", self.client.set_terminated, self.run_id, status)
+
+    def _log_loss_plot(self) -> None:
+        try:
+            figure = plot_histories(self.history)
+        except Exception as err:  # e.g. no matplotlib: the run itself is fine
+            log.warning("could not plot the loss curves (%s)", err)
+            return
+        if figure is not None:
+            self.log_figure(figure, "plots/loss_curves.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
 
 
-def make_tracker(enabled: bool, uri: str, experiment: str, run_name: str, tags: dict[str, str]) -> Tracker:
+def plot_histories(history: dict[str, list[tuple[int, float]]]) -> Any:
+    """Training losses (left) and the eval metrics logged during training (right) against the step."""
+    losses = {k: v for k, v in history.items() if k in LOSS_KEYS and v}
+    evals = {
+        k: v
+        for k, v in history.items()
+        if re.fullmatch(r"eval/(edited|unedited)/(ES|GS|LS|loc_agreement)", k)
+    }
+    if not losses and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, points in sorted(losses.items()):
+        left.plot([s for s, _ in points], [v for _, v in points], marker=".", label=key)
+    left.set(xlabel="meta-step", ylabel="loss per edit", title="training losses")
+    for key, points in sorted(evals.items()):
+        style = "--" if "/unedited/" in key else "-"
+        right.plot([s for s, _ in points], [v for _, v in points], style, marker="o", label=key[5:])
+    right.set(xlabel="meta-step", ylabel="accuracy", title="evaluation", ylim=(-0.02, 1.02))
+    for axis in (left, right):
+        if axis.lines:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure
+
+
+def plot_vs_edits(rows: list[dict[str, float]], title: str = "") -> Any:
+    """ES/GS/LS (edited, and unedited dashed) against the number of edits, like the HORSE/MALMEN Fig. 2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["n_edits"])
+    x = [r["n_edits"] for r in rows]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for metric, colour in (("ES", "C0"), ("GS", "C1"), ("LS", "C2"), ("loc_agreement", "C3")):
+        if all(f"edited/{metric}" in r for r in rows):
+            axis.plot(x, [r[f"edited/{metric}"] for r in rows], "-o", color=colour, label=metric)
+        if all(f"unedited/{metric}" in r for r in rows):
+            axis.plot(x, [r[f"unedited/{metric}"] for r in rows], "--", color=colour, alpha=0.5)
+    axis.set_xscale("log", base=2)
+    axis.set(
+        xlabel="number of edits",
+        ylabel="accuracy",
+        ylim=(-0.02, 1.02),
+        title=title or "edited (—) / unedited (--)",
+    )
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def experiment_name(cfg) -> str:
+    """One experiment per (dataset, model) unless tracking.experiment names one."""
+    return cfg.tracking.experiment or f"{cfg.data.name}-{Path(cfg.model.source.rstrip('/')).name}"
+
+
+def run_tags(cfg, world_size: int) -> dict[str, str]:
+    return {
+        "method": cfg.method.name,
+        "model": cfg.model.source,
+        "dataset": cfg.data.name,
+        "n_edits": str(cfg.data.n_edits),
+        "world_size": str(world_size),
+        "zero_stage": str(cfg.dist.zero_stage),
+        "seed": str(cfg.train.seed),
+    }
+
+
+def make_tracker(
+    enabled: bool,
+    uri: str,
+    experiment: str,
+    run_name: str,
+    tags: dict[str, str],
+    settings: Any = None,
+    parent_run_id: str | None = None,
+) -> Tracker:
+    """An MLflowTracker, or a NullTracker when disabled or when the store cannot be reached.
+    `settings` is a TrackingConfig (its defaults when None)."""
     if not enabled:
         return NullTracker()
+    if settings is None:
+        from horse_dist.config import TrackingConfig
+
+        settings = TrackingConfig()
     try:
-        return MLflowTracker(uri, experiment, run_name, tags)
+        return MLflowTracker(
+            uri,
+            experiment,
+            run_name,
+            tags,
+            parent_run_id=parent_run_id,
+            artifact_location=settings.artifact_location,
+            system_metrics=settings.system_metrics and parent_run_id is None,
+            system_metrics_interval_s=settings.system_metrics_interval_s,
+            queue_size=settings.queue_size,
+            flush_timeout_s=settings.flush_timeout_s,
+            http_timeout_s=settings.http_timeout_s,
+            http_retries=settings.http_retries,
+        )
     except Exception as err:
         log.warning("could not start MLflow tracking at %s (%s); continuing without tracking", uri, err)
         return NullTracker()

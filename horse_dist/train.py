@@ -31,7 +31,7 @@ from horse_dist.config import ConfigError, RunConfig, flatten, load_config, spli
 from horse_dist.data import meta_batch_indices, shard_slice
 from horse_dist.dist.world import LocalWorld
 from horse_dist.evaluate import evaluate_pool, format_table
-from horse_dist.tracking import Tracker, make_tracker
+from horse_dist.tracking import Tracker, experiment_name, make_tracker, registered_model_name, run_tags
 
 log = logging.getLogger("horse_dist.train")
 
@@ -177,6 +177,10 @@ def train_worker(
         tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, cfg.train.steps)
         (run_dir / "results.json").write_text(json.dumps(result, indent=2))
         tracker.log_artifact(run_dir / "results.json")
+        if cfg.tracking.register_model and (run_dir / CHECKPOINT_NAME).exists():
+            tracker.register_model(
+                run_dir / CHECKPOINT_NAME, registered_model_name(cfg.model.source, cfg.method.name)
+            )
         print(f"\n{cfg.method.name} on {cfg.model.source}, {result['n_edits']:.0f} edits per batch:")  # noqa: T201
         print(format_table(result))  # noqa: T201
         if step_times:
@@ -192,16 +196,14 @@ def train_worker(
 
 def run_local(cfg: RunConfig) -> dict[str, float]:
     run_dir = prepare_run_dir(cfg)
-    tags = {
-        "method": cfg.method.name,
-        "model": cfg.model.source,
-        "dataset": cfg.data.name,
-        "n_edits": str(cfg.data.n_edits),
-        "world_size": "1",
-        "seed": str(cfg.train.seed),
-    }
-    experiment = cfg.tracking.experiment or f"{cfg.data.name}-{Path(cfg.model.source).name}"
-    tracker = make_tracker(cfg.tracking.enabled, cfg.tracking.uri, experiment, cfg.train.run_name, tags)
+    tracker = make_tracker(
+        cfg.tracking.enabled,
+        cfg.tracking.uri,
+        experiment_name(cfg),
+        cfg.train.run_name,
+        run_tags(cfg, world_size=1),
+        cfg.tracking,
+    )
     tracker.log_params(flatten(cfg))
     tracker.log_artifact(run_dir / "config.yaml")
     try:

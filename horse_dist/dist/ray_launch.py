@@ -133,7 +133,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
 
     from horse_dist.config import config_from_yaml, flatten
     from horse_dist.dist.world import TorchWorld
-    from horse_dist.tracking import NullTracker, make_tracker
+    from horse_dist.tracking import NullTracker, experiment_name, make_tracker, run_tags
     from horse_dist.train import train_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -151,9 +151,13 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
             handle.write(json.dumps({"time": time.time(), **store.describe()}) + "\n")
     tracker = NullTracker()
     if world.rank == 0:
-        tags = dict(loop_config.get("tags") or {}, world_size=str(world.size))
         tracker = make_tracker(
-            cfg.tracking.enabled, cfg.tracking.uri, loop_config["experiment"], cfg.train.run_name, tags
+            cfg.tracking.enabled,
+            cfg.tracking.uri,
+            experiment_name(cfg),
+            cfg.train.run_name,
+            run_tags(cfg, world.size),
+            cfg.tracking,
         )
         tracker.log_params(flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")
@@ -195,15 +199,6 @@ def run_ray(cfg, env: dict[str, str] | None = None) -> dict[str, float]:
     resources = {"CPU": float(os.environ.get(CPUS_ENV, "1"))}
     if cfg.dist.use_gpu:
         resources["GPU"] = 1.0
-    experiment = cfg.tracking.experiment or f"{cfg.data.name}-{Path(cfg.model.source).name}"
-    tags = {
-        "method": cfg.method.name,
-        "model": cfg.model.source,
-        "dataset": cfg.data.name,
-        "n_edits": str(cfg.data.n_edits),
-        "seed": str(cfg.train.seed),
-        "zero_stage": str(cfg.dist.zero_stage),
-    }
     # Unique per launch: Ray Train silently resumes a reused name (a resubmission resumes through
     # train.resume=true and the run folder's checkpoint instead).
     ray_name = f"{cfg.train.run_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -212,8 +207,6 @@ def run_ray(cfg, env: dict[str, str] | None = None) -> dict[str, float]:
         train_loop_config={
             "config_yaml": to_yaml(cfg),
             "run_dir": str(run_dir),
-            "experiment": experiment,
-            "tags": tags,
             "env": dict(env or {}),
         },
         scaling_config=ScalingConfig(

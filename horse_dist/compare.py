@@ -1,0 +1,181 @@
+"""Compare tracked runs side by side: config differences and final metrics, plus a comparison plot.
+
+    python -m horse_dist.compare [--uri URI] [--experiment NAME ...] [--run RUN_ID ...]
+                                 [--filter "params.`method.name` = 'horse'"] [--max-runs 10]
+                                 [--metrics eval/edited/ES,gen_loss] [--plot compare.png] [--all-params]
+
+The URI defaults to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (what training writes by default).
+With no --experiment and no --run, the newest runs of every experiment are compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+TAG_ROWS = ("method", "model", "dataset", "n_edits", "world_size", "zero_stage", "seed", "git_commit")
+DEFAULT_METRICS = (
+    "eval/edited/ES",
+    "eval/edited/GS",
+    "eval/edited/LS",
+    "eval/edited/loc_agreement",
+    "eval/unedited/ES",
+    "eval/unedited/GS",
+    "eval/unedited/LS",
+    "gen_loss",
+    "loc_loss",
+    "eval/median_step_seconds",
+    "edits_per_s",
+    "eval/peak_rss_gb",
+)
+BAR_METRICS = ("ES", "GS", "LS", "loc_agreement")
+
+
+def find_runs(
+    client: Any, experiments: list[str], run_ids: list[str], filter_string: str, max_runs: int
+) -> list:
+    runs = [client.get_run(run_id) for run_id in run_ids]
+    if experiments or not run_ids:
+        if experiments:
+            ids = []
+            for name in experiments:
+                found = client.get_experiment_by_name(name) or _experiment_by_id(client, name)
+                if found is None:
+                    raise SystemExit(f"no experiment named {name!r}")
+                ids.append(found.experiment_id)
+        else:
+            ids = [e.experiment_id for e in client.search_experiments()]
+        runs += client.search_runs(
+            ids, filter_string=filter_string, max_results=max_runs, order_by=["attributes.start_time DESC"]
+        )
+    elif filter_string:
+        raise SystemExit("--filter applies to --experiment searches; give --experiment too")
+    seen, unique = set(), []
+    for run in runs:
+        if run.info.run_id not in seen:
+            seen.add(run.info.run_id)
+            unique.append(run)
+    return unique
+
+
+def _experiment_by_id(client: Any, key: str) -> Any:
+    try:
+        return client.get_experiment(key)
+    except Exception:
+        return None
+
+
+def _cell(value: Any, width: int = 28) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    else:
+        text = str(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def comparison_rows(
+    runs: list, metrics: tuple[str, ...], all_params: bool = False
+) -> list[tuple[str, list[str]]]:
+    """(section header or row label, cells) rows: tags, params that differ (all with all_params), metrics."""
+    rows: list[tuple[str, list[str]]] = [("run", [r.info.run_name or r.info.run_id[:8] for r in runs])]
+    rows.append(("run_id", [r.info.run_id[:12] for r in runs]))
+    rows.append(("status", [r.info.status for r in runs]))
+    for tag in TAG_ROWS:
+        values = [r.data.tags.get(tag) for r in runs]
+        if any(v is not None for v in values):
+            rows.append((f"tag.{tag}", [_cell(v) for v in values]))
+    keys = sorted({k for r in runs for k in r.data.params})
+    rows.append(("# params" + ("" if all_params else " that differ"), []))
+    for key in keys:
+        values = [r.data.params.get(key) for r in runs]
+        if all_params or len(set(values)) > 1:
+            rows.append((key, [_cell(v) for v in values]))
+    rows.append(("# final metrics", []))
+    for key in metrics:
+        values = [r.data.metrics.get(key) for r in runs]
+        if any(v is not None for v in values):
+            rows.append((key, [_cell(v) for v in values]))
+    return rows
+
+
+def format_rows(rows: list[tuple[str, list[str]]]) -> str:
+    label_width = max(len(label) for label, _ in rows)
+    n = max(len(cells) for _, cells in rows)
+    widths = [max((len(cells[i]) for _, cells in rows if len(cells) > i), default=0) for i in range(n)]
+    lines = []
+    for label, cells in rows:
+        if not cells:
+            lines.append(label)
+            continue
+        lines.append(f"{label:<{label_width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
+def plot_comparison(client: Any, runs: list, path: str | Path) -> Path:
+    """Left: the edited ES/GS/LS/locality of each run (bars). Right: gen_loss against the meta-step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(1, len(runs))
+    for i, run in enumerate(runs):
+        label = run.info.run_name or run.info.run_id[:8]
+        values = [run.data.metrics.get(f"eval/edited/{m}", float("nan")) for m in BAR_METRICS]
+        bars.bar([j + i * width for j in range(len(BAR_METRICS))], values, width, label=label)
+        history = client.get_metric_history(run.info.run_id, "gen_loss")
+        if history:
+            history = sorted(history, key=lambda m: m.step)
+            curves.plot([m.step for m in history], [m.value for m in history], marker=".", label=label)
+    bars.set_xticks([j + 0.4 - width / 2 for j in range(len(BAR_METRICS))], BAR_METRICS)
+    bars.set(ylabel="accuracy (edited)", ylim=(0, 1.05), title="final evaluation")
+    curves.set(xlabel="meta-step", ylabel="gen_loss", title="training")
+    for axis in (bars, curves):
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=7)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m horse_dist.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("--uri", default=os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db"))
+    parser.add_argument("--experiment", "-e", action="append", default=[], help="name or id; repeatable")
+    parser.add_argument("--run", "-r", action="append", default=[], help="run id; repeatable")
+    parser.add_argument(
+        "--filter", "-f", default="", help="an MLflow search filter, e.g. \"tags.method = 'horse'\""
+    )
+    parser.add_argument("--max-runs", type=int, default=10)
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric keys")
+    parser.add_argument("--plot", default="compare.png", help="where to write the plot ('' for none)")
+    parser.add_argument(
+        "--all-params", action="store_true", help="show every param, not only those that differ"
+    )
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(args.uri)
+    runs = find_runs(client, args.experiment, args.run, args.filter, args.max_runs)
+    if not runs:
+        raise SystemExit(f"no runs found in {args.uri}")
+    metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
+    table = format_rows(comparison_rows(runs, metrics, args.all_params))
+    print(table)  # noqa: T201
+    if args.plot:
+        print(f"\nplot: {plot_comparison(client, runs, args.plot)}")  # noqa: T201
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""MLflow tracking of tiny runs: sqlite store, sweep nesting, unreachable and real servers, compare."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from horse_dist import compare, evaluate, train
+from horse_dist.tiny.models import save_tiny_model
+from horse_dist.tracking import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
+
+HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run ~50x faster on one thread than on oversubscribed cores (CI shares its CPUs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tracking")
+    model = save_tiny_model(root / "llama", "llama", seed=0)
+    data = root / "zsre32.json"
+    data.write_text(json.dumps(json.loads(HEAD_FILE.read_text())[:32]))
+
+    def overrides(out_dir: Path, uri: str, **extra) -> list[str]:
+        base = {
+            "model.source": str(model),
+            "model.n_edit_layers": 2,
+            "method.rank": 16,
+            "method.chunk_rows": 16,
+            "data.n_edits": 8,
+            "data.batch_size": 4,
+            "data.train_path": str(data),
+            "data.eval_path": str(data),
+            "train.eval_n_edits": 8,
+            "train.eval_batches": 1,
+            "train.steps": 2,
+            "train.out_dir": str(out_dir),
+            "tracking.enabled": True,
+            "tracking.uri": uri,
+            "tracking.system_metrics_interval_s": 0.5,
+        }
+        base.update(extra)
+        return [f"{k}={v}" for k, v in base.items()]
+
+    return overrides
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` (mlflow/start_server.sh) on 127.0.0.1; it boots (~10-30 s) while other tests run."""
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("server")
+    script = Path(__file__).resolve().parent.parent / "mlflow" / "start_server.sh"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    process = subprocess.Popen(
+        ["bash", str(script), str(port), str(folder)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    yield process, f"http://127.0.0.1:{port}", folder
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny, tmp_path_factory, server):
+    """Two tracked tiny trainings into one sqlite store; their configs differ in method.rank and meta_lr."""
+    root = tmp_path_factory.mktemp("store")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    train.main(tiny(root / "runs", uri, **{"train.run_name": "a"}))
+    train.main(tiny(root / "runs", uri, **{"train.run_name": "b", "method.rank": 8, "train.meta_lr": 0.003}))
+    client = MlflowClient(uri)
+    runs = {
+        r.info.run_name: r for r in client.search_runs([e.experiment_id for e in client.search_experiments()])
+    }
+    return uri, root, runs
+
+
+def test_a_local_run_logs_params_metrics_tags_artifacts_and_the_registered_model(two_runs, tiny):
+    uri, root, runs = two_runs
+    client = MlflowClient(uri)
+    run = runs["a"]
+    assert run.info.status == "FINISHED"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == "zsre-llama"  # <dataset>-<model>
+    assert experiment.artifact_location.startswith((root / "mlruns").as_uri())  # beside the db, not ./mlruns
+    tags = run.data.tags
+    assert tags["method"] == "horse" and tags["dataset"] == "zsre" and tags["n_edits"] == "8"
+    assert tags["world_size"] == "1" and tags["zero_stage"] == "0" and tags["seed"] == "0"
+    assert tags["model"].endswith("llama") and tags["git_commit"] == git_commit()
+    assert run.data.params["method.rank"] == "16" and run.data.params["tracking.queue_size"] == "1000"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "edits_per_s")] == [1, 2]
+    for key in (
+        "eval/edited/ES",
+        "eval/edited/GS",
+        "eval/edited/LS",
+        "eval/unedited/ES",
+        "eval/edited/loc_agreement",
+    ):
+        assert key in run.data.metrics, key
+    assert "tracking/dropped_batches" not in run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "results.json", "hypernetwork", "plots"} <= artifacts
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/loss_curves.png"]
+    name = registered_model_name(tags["model"], "horse")
+    assert name == "horse_dist-llama-horse"
+    versions = {v.run_id: v for v in client.search_model_versions(f"name = '{name}'")}
+    assert set(versions) == {runs["a"].info.run_id, runs["b"].info.run_id}
+    version = versions[run.info.run_id]
+    assert version.source == f"{run.info.artifact_uri}/hypernetwork/checkpoint.pt"
+    assert run.data.tags["registered_model"] == f"{name}/{version.version}"
+    local = client.download_artifacts(run.info.run_id, "hypernetwork/checkpoint.pt", str(root / "dl"))
+    assert Path(local).read_bytes() == (root / "runs" / "a" / "checkpoint.pt").read_bytes()
+
+
+def test_a_sweep_is_a_parent_run_with_a_nested_run_per_number_of_edits(two_runs, tmp_path):
+    uri, root, runs = two_runs
+    flat = evaluate.main(
+        [
+            f"checkpoint={root / 'runs' / 'a'}",
+            "sweep=4,8",
+            f"tracking.uri={uri}",
+            "tracking.system_metrics=false",
+        ]
+    )
+    assert set(flat) >= {"n_edits=4/edited/ES", "n_edits=8/edited/ES"}
+    client = MlflowClient(uri)
+    experiment = runs["a"].info.experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="tags.sweep = 'n_edits'")
+    children = client.search_runs([experiment], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["n_edits"] for c in children) == ["4", "8"]
+    assert all(c.info.status == "FINISHED" and "eval/edited/ES" in c.data.metrics for c in children)
+    assert {c.data.params["data.n_edits"] for c in children} == {"4", "8"}
+    history = client.get_metric_history(parent.info.run_id, "eval/edited/ES")
+    assert sorted(m.step for m in history) == [4, 8]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == [
+        "plots/metrics_vs_edits.png"
+    ]
+
+
+def test_compare_prints_config_differences_and_final_metrics(two_runs, tmp_path, capsys):
+    uri, _, runs = two_runs
+    a, b = runs["a"], runs["b"]
+    plot = tmp_path / "cmp.png"
+    table = compare.main(["--uri", uri, "--run", a.info.run_id, "--run", b.info.run_id, "--plot", str(plot)])
+    assert table in capsys.readouterr().out
+    lines = {line.split()[0]: line.split()[1:] for line in table.splitlines() if line.strip()}
+    assert lines["run"] == ["a", "b"]
+    assert lines["method.rank"] == ["16", "8"]
+    assert lines["train.meta_lr"][1] == "0.003"
+    assert "data.n_edits" not in lines and "train.steps" not in lines  # the same in both runs
+    for run, column in ((a, 0), (b, 1)):
+        assert lines["eval/edited/ES"][column] == f"{run.data.metrics['eval/edited/ES']:.4g}"
+        assert lines["gen_loss"][column] == f"{run.data.metrics['gen_loss']:.4g}"
+    assert plot.stat().st_size > 1000
+    by_experiment = compare.main(
+        ["--uri", uri, "-e", "zsre-llama", "-f", "tags.method = 'horse'", "--plot", ""]
+    )
+    assert "method.rank" in by_experiment
+
+
+def test_training_survives_an_unreachable_tracking_server(tiny, tmp_path):
+    started = time.perf_counter()
+    result = train.main(tiny(tmp_path, f"http://127.0.0.1:{_free_port()}", **{"train.run_name": "offline"}))
+    assert time.perf_counter() - started < 45
+    assert "edited/ES" in result and (tmp_path / "offline" / "results.json").exists()
+
+
+def test_a_slow_store_drops_metric_batches_instead_of_blocking(two_runs):
+    uri = two_runs[0]
+    tracker = MLflowTracker(uri, "slow", "slow", {}, queue_size=2, flush_timeout_s=0.5)
+    real = tracker.client.log_batch
+    tracker.client.log_batch = lambda *args, **kwargs: (time.sleep(0.3), real(*args, **kwargs))
+    started = time.perf_counter()
+    for step in range(20):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert time.perf_counter() - started < 0.2  # never waits for the store
+    tracker.finish()
+    assert time.perf_counter() - started < 3
+    assert tracker.dropped >= 15
+    run = MlflowClient(uri).get_run(tracker.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["tracking/dropped_batches"] == tracker.dropped
+
+
+def test_system_metrics_are_sampled_into_the_run(two_runs):
+    uri = two_runs[0]
+    tracker = MLflowTracker(uri, "system", "system", {}, system_metrics=True, system_metrics_interval_s=0.2)
+    client, deadline = MlflowClient(uri), time.time() + 20
+    while not any(k.startswith("system/") for k in client.get_run(tracker.run_id).data.metrics):
+        assert time.time() < deadline, "no system metrics logged"
+        time.sleep(0.2)
+    tracker.finish()
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert (
+        "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+    )
+
+
+def test_a_real_mlflow_server_receives_a_run_over_http(tiny, server, tmp_path):
+    process, uri, folder = server
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    break
+        except OSError:
+            pass
+        assert process.poll() is None and time.time() < deadline, "mlflow server did not start"
+        time.sleep(0.5)
+    train.main(
+        tiny(
+            tmp_path / "runs",
+            uri,
+            **{"train.run_name": "served", "train.steps": 1, "tracking.system_metrics": False},
+        )
+    )
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("zsre-llama").experiment_id])
+    assert run.info.run_name == "served" and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1]
+    assert "eval/edited/ES" in run.data.metrics and run.data.params["data.n_edits"] == "8"
+    assert {"config.yaml", "results.json", "hypernetwork"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id)
+    }
+    assert list((folder / "artifacts").rglob("checkpoint.pt"))  # proxied to the server's artifact root
+    (version,) = client.search_model_versions("name = 'horse_dist-llama-horse'")
+    assert version.run_id == run.info.run_id
