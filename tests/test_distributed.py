@@ -350,7 +350,10 @@ def test_ray_job_submit(tmp_path, tiny_dir):
         address = f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}"
         env["RAY_JOB_ADDRESS"] = address
         _wait_for_dashboard(address, env, head)
-        for _ in range(10):  # right after start the job agent may not be registered yet
+        deadline = (
+            time.monotonic() + 240
+        )  # the job agent registers some time after the head (slow when loaded)
+        while True:
             submit = subprocess.run(
                 [
                     "bash",
@@ -376,9 +379,9 @@ def test_ray_job_submit(tmp_path, tiny_dir):
                 text=True,
                 timeout=300,
             )
-            if "No available agent" not in submit.stdout + submit.stderr:
+            if "No available agent" not in submit.stdout + submit.stderr or time.monotonic() > deadline:
                 break
-            time.sleep(3)
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert "succeeded" in submit.stdout + submit.stderr
         assert json.loads((tmp_path / "runs" / "job" / "results.json").read_text())["n_edits"] == 8
