@@ -338,7 +338,19 @@ def test_ray_job_submit(tmp_path, tiny_dir):
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
     head = subprocess.Popen(
-        ["bash", "launch/start_head.sh", "--block", "--temp-dir", temp_dir],
+        # Every port of its own: the suite's Ray (started by the fixtures above) already holds the defaults,
+        # e.g. the dashboard agent's 52365, and a clash kills this head's raylet.
+        ["bash", "launch/start_head.sh", "--block", "--temp-dir", temp_dir]
+        + [
+            arg
+            for flag in (
+                "--dashboard-agent-listen-port",
+                "--dashboard-agent-grpc-port",
+                "--metrics-export-port",
+                "--runtime-env-agent-port",
+            )
+            for arg in (flag, str(_free_port()))
+        ],
         cwd=REPO_ROOT,
         env=env,
         start_new_session=True,

@@ -105,7 +105,9 @@ def test_key_energy_units_make_eta_dimensionless():
     for layer, k in enumerate(keys):
         net, index = bank.net(layer)
         energy = float((k**2).sum(1).mean())
-        assert float(net.step_size(index)) * energy == pytest.approx(float(net.eta[index]), rel=1e-5)
+        assert float(net.step_size(index).detach()) * energy == pytest.approx(
+            float(net.eta[index].detach()), rel=1e-5
+        )
 
 
 def test_layers_of_two_shapes_get_two_hypernetworks():
