@@ -106,6 +106,35 @@ class TrackingConfig:
 
 
 @dataclass
+class BenchConfig:  # python -m horse_dist.bench (issue 5); fields owned by horse_dist/bench.py
+    warmup_steps: int = 1
+    steps: int = 3
+    edit_sizes: list[int] = field(default_factory=lambda: [100])
+    out: str = "bench.json"
+
+
+@dataclass
+class KeyStatsConfig:  # K0 K0^T per edited layer over a text corpus (issue 6); owned by horse_dist/keystats
+    corpus: str = "bundled"  # bundled: texts of the bundled zsRE + CounterFact; else a datasets path or name
+    cache_dir: str = "~/.cache/horse_dist/keystats"
+    num_workers: int = 1
+    max_tokens: int = 100000
+
+
+@dataclass
+class LocateConfig:  # locate-then-edit methods, MOSE and MEMIT (issue 6); owned by horse_dist/locate
+    method: str = "mose"
+
+
+@dataclass
+class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_dist/sequential.py
+    method: str = "mose"
+    steps: int = 200
+    batch_size: int = 1
+    checkpoint: str = ""  # a trained hypernetwork's run dir or checkpoint (horse, malmen)
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -113,6 +142,10 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    keystats: KeyStatsConfig = field(default_factory=KeyStatsConfig)
+    locate: LocateConfig = field(default_factory=LocateConfig)
+    sequential: SequentialConfig = field(default_factory=SequentialConfig)
 
 
 CHOICES = {
@@ -289,4 +322,4 @@ def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
 
 USAGE = """usage: python -m horse_dist.<train|evaluate|edit> [--config FILE] [group=preset] [section.key=value ...]
   groups: model, data, method (presets under configs/<group>/)
-  sections: model data method train dist tracking (see horse_dist/config.py)"""
+  sections: model data method train dist tracking bench keystats locate sequential (see horse_dist/config.py)"""
