@@ -3,8 +3,9 @@
 The layers are kept in memory in order while they fit the budget; the rest are copied into memory-mapped
 files on local disk (``torch.from_file(shared=True)``; the files are unlinked at once, so they vanish with the
 tensors). The mapped tensors are ordinary CPU tensors to the pipeline, and the kernel pages them out to the
-file under memory pressure. CPU workers only: on a GPU the pipeline would have to page each layer back onto
-the device, which it does not do yet, so a budget that a CUDA cache exceeds raises.
+file under memory pressure. On a GPU worker the spilled layers leave device memory the same way and the cache's
+layer lists become `PagedLayers`, which copy a spilled layer back onto the device each time the pipeline reads it
+(a layer is read a few times per step: normaliser moments, hypernet forward, solve, meta-gradient, hypernet backward).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +42,29 @@ def to_disk(tensor: torch.Tensor, folder: str | Path) -> torch.Tensor:
     return mapped.view(tensor.shape)
 
 
+class PagedLayers(Sequence[torch.Tensor]):
+    """Per-layer tensors of which some live on the device and some in host files; indexing or iterating
+    returns every layer on `device` (spilled ones as a fresh device copy, freed after use)."""
+
+    def __init__(self, layers: list[torch.Tensor], device: torch.device) -> None:
+        self.layers, self.device = list(layers), device
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        tensor = self.layers[index]
+        return tensor if tensor.device == self.device else tensor.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (self[i] for i in range(len(self)))
+
+    def resident_bytes(self) -> int:
+        return sum(tensor_bytes(t) for t in self.layers if t.device == self.device)
+
+
 def spill_over_budget(cache: CacheResult, budget_gb: float, folder: str | Path | None = None) -> CacheResult:
     """Keep layers (K and G together) in memory while their total fits `budget_gb`; spill the rest.
     A budget of 0 means unlimited; a cache within budget is returned unchanged."""
@@ -49,11 +74,7 @@ def spill_over_budget(cache: CacheResult, budget_gb: float, folder: str | Path |
     sizes = [tensor_bytes(k) + tensor_bytes(g) for k, g in zip(cache.keys, cache.grads)]
     if sum(sizes) <= budget:
         return cache
-    if any(k.is_cuda for k in cache.keys):
-        raise RuntimeError(
-            f"the cache ({sum(sizes) / 2**30:.2f} GiB) exceeds dist.cache_budget_gb={budget_gb} on a GPU worker; "
-            "disk spill is implemented for CPU workers only: raise the budget or use more workers"
-        )
+    device = cache.keys[0].device
     folder = folder or os.environ.get(SPILL_DIR_ENV) or tempfile.gettempdir()
     keys, grads, used, spilled = [], [], 0, []
     for layer, (k, g, size) in enumerate(zip(cache.keys, cache.grads, sizes)):
@@ -72,4 +93,6 @@ def spill_over_budget(cache: CacheResult, budget_gb: float, folder: str | Path |
         spilled,
         folder,
     )
+    if device.type != "cpu":  # host-file tensors are read back onto the device layer by layer
+        return replace(cache, keys=PagedLayers(keys, device), grads=PagedLayers(grads, device))
     return replace(cache, keys=keys, grads=grads)

@@ -57,24 +57,35 @@ class TorchWorld(LocalWorld):
         self._dist = dist
         self.rank = dist.get_rank()
         self.size = dist.get_world_size()
+        # NCCL moves device tensors only, gloo host tensors: callers pass tensors wherever they live (host-side
+        # metric vectors, device-side Gram sums) and the world moves them to the backend's device and back.
+        nccl = dist.get_backend() == "nccl"
+        self.comm_device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def _count(self, kind: str, tensor: torch.Tensor) -> None:
         self.bytes_moved[kind] += tensor.numel() * tensor.element_size()
 
+    def _collective(self, kind: str, tensor: torch.Tensor, op) -> torch.Tensor:
+        self._count(kind, tensor)
+        if tensor.device == self.comm_device:
+            op(tensor)
+            return tensor
+        moved = tensor.to(self.comm_device)
+        op(moved)
+        return tensor.copy_(moved)
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        self._count("all_reduce", tensor)
-        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.SUM)
-        return tensor
+        return self._collective(
+            "all_reduce", tensor, lambda t: self._dist.all_reduce(t, op=self._dist.ReduceOp.SUM)
+        )
 
     def reduce_sum_to(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
-        self._count("reduce", tensor)
-        self._dist.reduce(tensor, dst=dst, op=self._dist.ReduceOp.SUM)
-        return tensor
+        return self._collective(
+            "reduce", tensor, lambda t: self._dist.reduce(t, dst=dst, op=self._dist.ReduceOp.SUM)
+        )
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
-        self._count("broadcast", tensor)
-        self._dist.broadcast(tensor, src=src)
-        return tensor
+        return self._collective("broadcast", tensor, lambda t: self._dist.broadcast(t, src=src))
 
     def all_reduce_grads(self, parameters) -> None:
         """Sum gradients over workers in one flat buffer (each worker's grads cover its own token rows)."""

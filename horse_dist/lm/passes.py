@@ -37,6 +37,13 @@ def _positions(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return mask_BT, batch.labels[mask_BT], example_ids_P
 
 
+def _per_edit_zeros(batches: list[TokenBatch], n_examples: int) -> torch.Tensor:
+    """An (E,) accumulator on the batches' device; the passes return their per-edit vectors on the CPU (one
+    copy per pass, not one per micro-batch)."""
+    device = batches[0].input_ids.device if batches else torch.device("cpu")
+    return torch.zeros(n_examples, device=device)
+
+
 @dataclass
 class CacheResult:
     keys: list[torch.Tensor]  # per edited layer (N, I) float32
@@ -50,7 +57,7 @@ def cache_pass(
 ) -> CacheResult:
     """Forward+backward of the unedited LM on the edit prompts, recording K and G at the answer positions."""
     hooks.reset_records()
-    example_rows, losses = [], torch.zeros(n_examples)
+    example_rows, losses = [], _per_edit_zeros(batches, n_examples)
     for batch in batches:
         mask_BT, labels_P, example_ids_P = _positions(batch)
         with hooks.recording(mask_BT):
@@ -60,7 +67,7 @@ def cache_pass(
         losses += loss_E.detach()
         example_rows.append(example_ids_P)
     keys, grads = hooks.collect()
-    return CacheResult(keys, grads, torch.cat(example_rows), losses)
+    return CacheResult(keys, grads, torch.cat(example_rows), losses.cpu())
 
 
 @dataclass
@@ -81,7 +88,7 @@ def loss_pass(
     weight: float,
 ) -> PassResult:
     """Forward+backward of `weight` × Σ_edits loss with the shifts applied; S_l.grad accumulates g_S."""
-    losses, accuracy = torch.zeros(n_examples), torch.zeros(n_examples)
+    losses, accuracy = _per_edit_zeros(batches, n_examples), _per_edit_zeros(batches, n_examples)
     for batch in batches:
         _, labels_P, example_ids_P = _positions(batch)
         if objective == "kl":
@@ -98,7 +105,7 @@ def loss_pass(
         (loss_E.sum() * weight).backward()
         losses += loss_E.detach()
         accuracy += per_example_accuracy(logits_PV.detach(), labels_P, example_ids_P, n_examples)
-    return PassResult(losses, accuracy)
+    return PassResult(losses.cpu(), accuracy.cpu())
 
 
 @torch.no_grad()
@@ -111,8 +118,8 @@ def score_pass(
     reference_predictions: list[torch.Tensor] | None = None,
 ) -> PassResult:
     """Teacher-forced token accuracy per edit (ES/GS/LS semantics), optionally with the shifts applied."""
-    accuracy = torch.zeros(n_examples)
-    agreement = torch.zeros(n_examples) if reference_predictions is not None else None
+    accuracy = _per_edit_zeros(batches, n_examples)
+    agreement = _per_edit_zeros(batches, n_examples) if reference_predictions is not None else None
     predictions = []
     for i, batch in enumerate(batches):
         _, labels_P, example_ids_P = _positions(batch)
@@ -126,4 +133,5 @@ def score_pass(
         predictions.append(pred_P)
         if agreement is not None:
             agreement += per_example_agreement(pred_P, reference_predictions[i], example_ids_P, n_examples)
-    return PassResult(torch.zeros(n_examples), accuracy, agreement, predictions)
+    agreement = agreement.cpu() if agreement is not None else None
+    return PassResult(torch.zeros(n_examples), accuracy.cpu(), agreement, predictions)
