@@ -103,35 +103,74 @@ class TrackingConfig:
     flush_timeout_s: float = 30.0  # how long finish() waits for the buffered metrics
     http_timeout_s: float = 10.0  # per request to a tracking server
     http_retries: int = 1
+    parent_run_id: str = ""  # log this run as a nested child of that run (set by python -m horse_dist.sweep)
 
 
 @dataclass
 class BenchConfig:  # python -m horse_dist.bench (issue 5); fields owned by horse_dist/bench.py
     warmup_steps: int = 1
     steps: int = 3
-    edit_sizes: list[int] = field(default_factory=lambda: [100])
+    edit_sizes: list[int] = field(default_factory=lambda: [100])  # facts per edit call; data.n_edits is added
+    edit_repeats: int = 2  # timed edit calls per size (median), after one untimed call of the smallest size
     out: str = "bench.json"
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+    probe_sizes: list[int] = field(default_factory=lambda: [2048, 3072, 4096])  # square matmuls, model dtype
+    probe_repeats: int = 3
 
 
 @dataclass
 class KeyStatsConfig:  # K0 K0^T per edited layer over a text corpus (issue 6); owned by horse_dist/keystats
     corpus: str = "bundled"  # bundled: texts of the bundled zsRE + CounterFact; else a datasets path or name
+    corpus_config: str = ""  # datasets config name of a hub corpus
+    corpus_split: str = "train"
+    text_column: str = "text"
     cache_dir: str = "~/.cache/horse_dist/keystats"
-    num_workers: int = 1
-    max_tokens: int = 100000
+    num_workers: int = 1  # Ray actors; 0: in this process, no Ray
+    cpus_per_worker: float = 1.0  # CPUs Ray reserves per actor (and its torch threads)
+    max_tokens: int = 100000  # corpus prefix of at most this many tokens (0: the whole corpus)
+    shard_tokens: int = 4096  # tokens per shard (a shard is consecutive whole texts); fixes the shards
+    max_length: int = 128  # tokens per text (longer texts are truncated)
+    batch_size: int = 16  # texts per forward pass
+    dtype: str = "float64"  # accumulation dtype: float64 | float32
+    stop_early: bool = True  # stop each forward after the last edited module's input is captured
 
 
 @dataclass
 class LocateConfig:  # locate-then-edit methods, MOSE and MEMIT (issue 6); owned by horse_dist/locate
-    method: str = "mose"
+    method: str = "mose"  # mose | memit
+    # Candidate layers (MOSE selects one by Eq. 21-22 and edits it with `neighbours` on each side), or the
+    # edited layers when select_layer is false. Empty: 6 layers from 10% of the depth (MEMIT's early-mid MLPs).
+    layers: list[int] = field(default_factory=list)
+    select_layer: bool = True
+    neighbours: int = 1
+    lam: float = 15000.0  # preservation weight λ on C0 (C0 as given by keystats: MEMIT's mean E[k kᵀ] scale)
+    solve_dtype: str = "float64"  # SVD / Cholesky dtype
+    v_steps: int = 20  # Adam steps of the value optimisation
+    v_lr: float = 0.5
+    kl_factor: float = 0.0625
+    v_weight_decay: float = 0.5  # on ‖δ‖² / ‖h‖²
+    clamp_factor: float = 0.75  # ‖δ‖ <= clamp_factor ‖h‖
+    v_min_nll: float = 0.05  # stop early once every edit's answer NLL is below this
+    n_prefixes: int = 4  # sampled prefixes besides the empty one
+    prefix_len: int = 5  # sampled tokens per prefix
+    essence_template: str = "{} is a"
+    seed: int = 0
 
 
 @dataclass
 class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_dist/sequential.py
-    method: str = "mose"
-    steps: int = 200
-    batch_size: int = 1
+    method: str = "mose"  # mose | memit | horse | malmen
+    steps: int = 200  # T
+    batch_size: int = 1  # b edits per step: 1 single-sequential, 10 batch-sequential
     checkpoint: str = ""  # a trained hypernetwork's run dir or checkpoint (horse, malmen)
+    pool: str = "eval"  # records drawn from: eval (held out from training) | train | all
+    seed: int = 0  # the stream's draw from the pool
+    eval_every: int = 10  # steps between curve points (weights, retention); 0: first and last step only
+    retention_edits: int = 20  # ES on the first this many edits made (retention curve)
+    sample_edits: int = 64  # ES on at most this many of the edits made so far (evenly spaced)
+    baseline: bool = True  # score the unedited model on the stream's edit/rephrase prompts first
+    c0_scale: str = "mean"  # C0 handed to mose/memit: mean E[k kᵀ] (MEMIT's scale for locate.lam) | sum K0 K0ᵀ
+    run_name: str = ""  # empty: seq-<method>-b<b>-<model>-<data>-<timestamp>, under train.out_dir
 
 
 @dataclass

@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -231,12 +232,21 @@ class MLflowTracker:
         self._safely("log_figure", self.client.log_figure, self.run_id, figure, artifact_file)
 
     def register_model(self, checkpoint: str | Path, name: str) -> None:
-        """Log the checkpoint under `hypernetwork/` and register it as a new version of `name`."""
-        checkpoint = Path(checkpoint)
-        self.log_artifact(checkpoint, "hypernetwork")
+        """Log the hypernetwork as an MLflow pyfunc model under `hypernetwork/` (MLmodel + the checkpoint) and
+        register it as a new version of `name`."""
         if self._broken:
             return
-        self._safely("register_model", self._register, f"hypernetwork/{checkpoint.name}", name)
+        self._safely("log_model", self._log_pyfunc, Path(checkpoint))
+        if self._broken:
+            return
+        self._safely("register_model", self._register, "hypernetwork", name)
+
+    def _log_pyfunc(self, checkpoint: Path) -> None:
+        from horse_dist.mlflow_model import save_pyfunc_model
+
+        with tempfile.TemporaryDirectory(prefix="horse_dist_pyfunc_") as folder:
+            model_dir = save_pyfunc_model(checkpoint, folder)
+            self.client.log_artifacts(self.run_id, str(model_dir), "hypernetwork")
 
     def _register(self, artifact: str, name: str) -> None:
         from mlflow.exceptions import MlflowException

@@ -203,6 +203,7 @@ def run_local(cfg: RunConfig) -> dict[str, float]:
         cfg.train.run_name,
         run_tags(cfg, world_size=1),
         cfg.tracking,
+        parent_run_id=cfg.tracking.parent_run_id or None,
     )
     tracker.log_params(flatten(cfg))
     tracker.log_artifact(run_dir / "config.yaml")

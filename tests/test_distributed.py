@@ -180,9 +180,20 @@ def ray_w2_zero0(ray_cluster, tmp_path_factory, tiny_dir):
     from horse_dist.dist.ray_launch import run_ray
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = tiny_config(tiny_dir, out, "w2z0", "dist.backend=ray", "dist.num_workers=2", "dist.zero_stage=0")
+    uri = f"sqlite:///{out / 'mlflow.db'}"  # relative to the driver: the workers get it made absolute
+    cfg = tiny_config(
+        tiny_dir,
+        out,
+        "w2z0",
+        "dist.backend=ray",
+        "dist.num_workers=2",
+        "dist.zero_stage=0",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        "tracking.system_metrics=false",
+    )
     result = run_ray(cfg)
-    return {"result": result, "hypernet": final_hypernet(out, "w2z0")}
+    return {"result": result, "hypernet": final_hypernet(out, "w2z0"), "uri": uri}
 
 
 def assert_same_scores(a: dict, b: dict) -> None:
@@ -198,6 +209,24 @@ def test_ray_w2_zero0_matches_local(local_reference, ray_w2_zero0):
     assert_same_hypernet(ray_w2_zero0["hypernet"], local_reference["hypernet"], local_reference["initial"])
     assert_same_scores(ray_w2_zero0["result"], local_reference["result"])
     assert ray_w2_zero0["result"]["peak_rss_gb/w1"] > 0  # per-worker metrics reach rank 0
+
+
+@pytest.mark.slow
+def test_ray_run_is_tracked_once_from_rank0(ray_w2_zero0):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(ray_w2_zero0["uri"])
+    (experiment,) = client.search_experiments(filter_string="name = 'zsre-llama'")
+    (run,) = client.search_runs([experiment.experiment_id])  # one run, not one per worker
+    assert run.info.run_name == "w2z0" and run.info.status == "FINISHED"
+    assert run.data.tags["world_size"] == "2" and run.data.params["dist.num_workers"] == "2"
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")]
+    assert steps == [1, 2, 3]  # rank 0 alone logs each step
+    metrics = run.data.metrics
+    assert metrics["comm_bytes/all_reduce"] > 0 and metrics["comm_bytes/reduce"] > 0
+    assert {"time/cache/w0", "time/cache/w1", "step_seconds/w1"} <= set(metrics)
+    assert metrics["eval/edited/ES"] == pytest.approx(ray_w2_zero0["result"]["edited/ES"])
+    assert "registered_model" in run.data.tags
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import torch
 from mlflow import MlflowClient
 
 from horse_dist import compare, evaluate, train
+from horse_dist.config import ConfigError
 from horse_dist.tiny.models import save_tiny_model
 from horse_dist.tracking import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
 
@@ -130,10 +131,34 @@ def test_a_local_run_logs_params_metrics_tags_artifacts_and_the_registered_model
     versions = {v.run_id: v for v in client.search_model_versions(f"name = '{name}'")}
     assert set(versions) == {runs["a"].info.run_id, runs["b"].info.run_id}
     version = versions[run.info.run_id]
-    assert version.source == f"{run.info.artifact_uri}/hypernetwork/checkpoint.pt"
+    assert version.source == f"{run.info.artifact_uri}/hypernetwork"
     assert run.data.tags["registered_model"] == f"{name}/{version.version}"
-    local = client.download_artifacts(run.info.run_id, "hypernetwork/checkpoint.pt", str(root / "dl"))
+    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "hypernetwork")}
+    assert {"hypernetwork/MLmodel", "hypernetwork/artifacts"} <= model_files
+    local = client.download_artifacts(
+        run.info.run_id, "hypernetwork/artifacts/checkpoint.pt", str(root / "dl")
+    )
     assert Path(local).read_bytes() == (root / "runs" / "a" / "checkpoint.pt").read_bytes()
+
+
+def test_the_registered_hypernetwork_is_a_pyfunc_model_that_edits(two_runs):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    uri, root, runs = two_runs
+    name = registered_model_name(runs["a"].data.tags["model"], "horse")
+    version = runs["a"].data.tags["registered_model"].split("/")[-1]
+    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+    records = json.loads(HEAD_FILE.read_text())[:4]
+    facts = pd.DataFrame({"prompt": [r["src"] for r in records], "answer": [r["alt"] for r in records]})
+    table = model.predict(facts)
+    assert list(table.columns) == ["prompt", "answer", "unedited", "edited"]
+    assert len(table) == 4 and table["edited"].between(0, 1).all()
+    assert table["edited"].mean() > table["unedited"].mean()  # the batch edit took
+    with pytest.raises(Exception, match="answer"):
+        model.predict(pd.DataFrame({"prompt": ["x"]}))
 
 
 def test_a_sweep_is_a_parent_run_with_a_nested_run_per_number_of_edits(two_runs, tmp_path):
@@ -159,6 +184,34 @@ def test_a_sweep_is_a_parent_run_with_a_nested_run_per_number_of_edits(two_runs,
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "plots")] == [
         "plots/metrics_vs_edits.png"
     ]
+
+
+def test_a_methods_sweep_nests_one_training_run_per_method(tiny, tmp_path, capsys):
+    from horse_dist import sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = tiny(tmp_path / "runs", uri, **{"train.steps": 1, "tracking.system_metrics": False})
+    with pytest.raises(ConfigError, match="unknown method preset 'nope'"):
+        sweep.main(["methods=horse,nope", *overrides])  # refused before any run starts
+    assert not (tmp_path / "runs").exists()
+    out = sweep.main(["methods=horse,malmen", *overrides])
+    assert set(out["results"]) == {"horse", "malmen"}
+    client = MlflowClient(uri)
+    (experiment,) = client.search_experiments(filter_string="name = 'zsre-llama'")
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.tags["sweep"] == "methods" and parent.info.status == "FINISHED"
+    children = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.tags["method"] for c in children) == ["horse", "malmen"]
+    assert {c.data.params["method.locality"] for c in children} == {"ce", "kl"}  # the presets differ
+    for child in children:
+        method = child.data.tags["method"]
+        assert parent.data.metrics[f"{method}/ES"] == pytest.approx(child.data.metrics["eval/edited/ES"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep_methods.json", "plots"} <= artifacts
+    table = capsys.readouterr().out
+    assert "horse " in table and "malmen " in table and "median_step_seconds" in table
 
 
 def test_compare_prints_config_differences_and_final_metrics(two_runs, tmp_path, capsys):

@@ -158,6 +158,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
             cfg.train.run_name,
             run_tags(cfg, world.size),
             cfg.tracking,
+            parent_run_id=cfg.tracking.parent_run_id or None,
         )
         tracker.log_params(flatten(cfg))
         tracker.log_artifact(run_dir / "config.yaml")

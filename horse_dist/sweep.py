@@ -1,0 +1,129 @@
+"""Train several methods on the same model and data as one MLflow parent run with a nested run per method.
+
+    python -m horse_dist.sweep methods=horse,malmen,horse_reference [--config FILE] [key=value ...]
+
+Each child is a full `python -m horse_dist.train` run (local or `dist.backend=ray`) with `method=<name>` and
+the shared overrides; the parent holds each method's final ES/GS/LS (`<method>/ES`, ...), a side-by-side table
+(sweep_methods.json) and a bar plot (plots/methods.png), and the console gets the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from horse_dist.config import ConfigError, flatten, load_config_with_extras, split_cli
+
+log = logging.getLogger("horse_dist.sweep")
+
+TABLE_KEYS = ("edited/ES", "edited/GS", "edited/LS", "edited/loc_agreement", "median_step_seconds")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ConfigError(
+            "methods= needs a comma-separated list of method presets, e.g. methods=horse,malmen"
+        )
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"methods={text!r} names a method twice")
+    return methods
+
+
+def format_methods_table(rows: dict[str, dict[str, float]]) -> str:
+    header = f"{'method':<18}" + "".join(f"{key.split('/')[-1]:>20}" for key in TABLE_KEYS)
+    lines = [header]
+    for method, result in rows.items():
+        cells = "".join(f"{result.get(key, float('nan')):>20.3f}" for key in TABLE_KEYS)
+        lines.append(f"{method:<18}{cells}")
+    return "\n".join(lines)
+
+
+def plot_methods(rows: dict[str, dict[str, float]], title: str) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ("edited/ES", "edited/GS", "edited/LS")
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    width = 0.8 / max(1, len(rows))
+    for i, (method, result) in enumerate(rows.items()):
+        positions = [m + i * width for m in range(len(metrics))]
+        axis.bar(positions, [result.get(k, 0.0) for k in metrics], width, label=method)
+    axis.set_xticks([m + width * (len(rows) - 1) / 2 for m in range(len(metrics))])
+    axis.set_xticklabels([k.split("/")[-1] for k in metrics])
+    axis.set_ylim(0, 1)
+    axis.set_title(title)
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def run_methods_sweep(config_file: str | None, overrides: list[str], methods: list[str]) -> dict[str, Any]:
+    from horse_dist import train
+    from horse_dist.tracking import experiment_name, make_tracker, run_tags
+
+    shared = [o for o in overrides if o.split("=", 1)[0] not in ("methods", "method")]
+    cfg, _ = load_config_with_extras(config_file, shared, extras=())
+    for method in methods:  # every preset must resolve before the first run starts
+        load_config_with_extras(config_file, [*shared, f"method={method}"], extras=())
+    name = f"sweep-methods-{cfg.data.name}-{Path(cfg.model.source).name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tags = {**run_tags(cfg, cfg.dist.num_workers), "method": ",".join(methods), "sweep": "methods"}
+    parent = make_tracker(
+        cfg.tracking.enabled, cfg.tracking.uri, experiment_name(cfg), name, tags, cfg.tracking
+    )
+    parent.log_params({**flatten(cfg), "method.name": ",".join(methods), "sweep.methods": ",".join(methods)})
+    parent_id = getattr(parent, "run_id", "")
+    rows: dict[str, dict[str, float]] = {}
+    try:
+        for method in methods:
+            child = [
+                *shared,
+                f"method={method}",
+                f"tracking.parent_run_id={parent_id}",
+                f"train.run_name={name}-{method}",
+            ]
+            argv = ([] if config_file is None else ["--config", config_file]) + child
+            result = train.main(argv)
+            rows[method] = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+            parent.log_metrics(
+                {f"{method}/{k.split('/')[-1]}": rows[method][k] for k in TABLE_KEYS if k in rows[method]}, 0
+            )
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "sweep_methods.json"
+            path.write_text(json.dumps(rows, indent=2))
+            parent.log_artifact(path)
+        try:
+            figure = plot_methods(rows, f"{cfg.model.source}, {cfg.data.name}, {cfg.data.n_edits} edits")
+        except Exception as err:  # e.g. no matplotlib: the runs themselves are fine
+            log.warning("could not plot the methods (%s)", err)
+        else:
+            parent.log_figure(figure, "plots/methods.png")
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish()
+    print(f"\nmethods on {cfg.model.source}, {cfg.data.name}:\n{format_methods_table(rows)}")  # noqa: T201
+    return {"parent_run_id": parent_id, "results": rows}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    methods_arg = [o.split("=", 1)[1] for o in overrides if o.startswith("methods=")]
+    if not methods_arg:
+        raise ConfigError("python -m horse_dist.sweep needs methods=a,b,...")
+    return run_methods_sweep(config_file, overrides, parse_methods(methods_arg[-1]))
+
+
+if __name__ == "__main__":
+    main()
