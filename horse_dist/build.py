@@ -75,7 +75,11 @@ def build_engine(cfg: RunConfig, world: LocalWorld | None = None) -> tuple[EditE
         from horse_dist.dist.deepspeed_lm import load_frozen_lm_deepspeed
 
         ds_lm = load_frozen_lm_deepspeed(
-            cfg.model.source, cfg.dist.zero_stage, cfg.dist.offload_params, cfg.model.dtype
+            cfg.model.source,
+            cfg.dist.zero_stage,
+            cfg.dist.offload_params,
+            cfg.model.dtype,
+            cfg.dist.zero3_gather,
         )
         model, tokenizer = ds_lm.model, ds_lm.tokenizer
     else:

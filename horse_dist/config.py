@@ -86,6 +86,7 @@ class DistConfig:
     use_gpu: bool = False
     zero_stage: int = 0
     offload_params: bool = False
+    zero3_gather: str = "layer"  # layer: one all-gather per transformer block; module: DeepSpeed's per-module
     cache_budget_gb: float = 0.0  # 0: unlimited
     max_failures: int = 0
 
@@ -143,7 +144,7 @@ class LocateConfig:  # locate-then-edit methods, MOSE and MEMIT (issue 6); owned
     layers: list[int] = field(default_factory=list)
     select_layer: bool = True
     neighbours: int = 1
-    lam: float = 15000.0  # preservation weight λ on C0 (C0 as given by keystats: MEMIT's mean E[k kᵀ] scale)
+    lam: float = 0.0  # λ on C0 (mean E[k kᵀ] scale); 0: the method's default (mose 10, memit 15000)
     solve_dtype: str = "float64"  # SVD / Cholesky dtype
     v_steps: int = 20  # Adam steps of the value optimisation
     v_lr: float = 0.5
@@ -198,6 +199,7 @@ CHOICES = {
     "method.solve_dtype": ("float32", "float64"),
     "dist.backend": ("local", "ray"),
     "dist.zero_stage": (0, 3),
+    "dist.zero3_gather": ("layer", "module"),
 }
 
 

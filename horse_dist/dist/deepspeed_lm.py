@@ -61,8 +61,30 @@ def local_model_dir(source: str) -> str:
     return str(local) if local is not None else source
 
 
+def set_layer_leaves(model: nn.Module) -> list[str]:
+    """Make each transformer block a ZeRO-3 leaf: DeepSpeed then gathers a block's weights in one collective
+    when the block runs, instead of one per linear and norm (~9 per block). The gathers are latency-bound on
+    small models and CPU workers, so this cuts a pass's collectives ~9x; our edit hooks on the blocks'
+    submodules still fire. Returns the leaf class names (the model's `_no_split_modules`)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    classes = sorted(
+        {type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__
+    )
+    if not classes:
+        log.warning("no transformer-block class found (_no_split_modules=%s): per-module gathers", names)
+        return []
+    set_z3_leaf_modules(model, classes)
+    return [c.__name__ for c in classes]
+
+
 def load_frozen_lm_deepspeed(
-    source: str, zero_stage: int, offload_params: bool = False, dtype: str = "float32"
+    source: str,
+    zero_stage: int,
+    offload_params: bool = False,
+    dtype: str = "float32",
+    gather: str = "layer",
 ) -> DeepSpeedLM:
     """Load a frozen causal LM under DeepSpeed. torch.distributed must already be initialised (Ray Train
     or a launcher did it); DeepSpeed reuses that process group."""
@@ -85,6 +107,8 @@ def load_frozen_lm_deepspeed(
     model.requires_grad_(False).eval()
     if zero_stage == 0 and torch.cuda.is_available():
         model = model.to(torch.device("cuda", torch.cuda.current_device()))
+    if zero_stage == 3 and gather == "layer":
+        set_layer_leaves(model)
     engine, *_ = deepspeed.initialize(model=model, config=config)
     module = engine.module
     module.requires_grad_(False).eval()
