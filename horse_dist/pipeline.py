@@ -25,6 +25,13 @@ from horse_dist.editor.solve import DualRidge, PrimalRidge, choose_form
 from horse_dist.editor.spread import SpreadState, spread_backward, spread_forward
 
 
+def synced_clock() -> float:
+    """perf_counter once the queued CUDA kernels have run (they are asynchronous); plain on CPU."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return perf_counter()
+
+
 class PhaseTimer:
     """Accumulates wall seconds per named phase."""
 
@@ -33,11 +40,11 @@ class PhaseTimer:
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        start = perf_counter()
+        start = synced_clock()
         try:
             yield
         finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + perf_counter() - start
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + synced_clock() - start
 
 
 def shape_key(shape: tuple[int, int]) -> str:

@@ -152,6 +152,10 @@ def load_frozen_lm(
     """A causal LM in eval mode with every parameter frozen, and its right-padding tokenizer."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if source.startswith("random:"):  # random weights of a known shape, for timing (lm/random_model.py)
+        from horse_dist.lm.random_model import load_random_lm
+
+        return load_random_lm(source.removeprefix("random:"), DTYPES[dtype], resolve_device(device))
     local = _resolve_local(source, gguf_file, cache_dir)
     if local is None and huggingface_hub.constants.HF_HUB_OFFLINE:
         raise _hub_error(source, "the hub is unreachable: offline mode (HF_HUB_OFFLINE) is set")
