@@ -39,7 +39,12 @@ class DataConfig:
     drop_empty_targets: bool = True
     eval_size: int = 256
     n_edits: int = 64  # edits per meta-step
-    batch_size: int = 32  # micro-batch of LM passes (rows); also the loss normaliser, as in the public code
+    batch_size: int = (
+        32  # the loss normaliser (the public code's batch size) and the default micro-batch rows
+    )
+    micro_batch_size: int = (
+        0  # rows per micro-batch of the LM passes; 0: batch_size. Results do not depend on it
+    )
     max_batch_tokens: int = 640  # and at most this many padded tokens per micro-batch (0: no limit)
     max_train_records: int = 0  # 0: all
 
@@ -128,6 +133,7 @@ class KeyStatsConfig:  # K0 K0^T per edited layer over a text corpus (issue 6); 
     cache_dir: str = "~/.cache/horse_dist/keystats"
     num_workers: int = 1  # Ray actors; 0: in this process, no Ray
     cpus_per_worker: float = 1.0  # CPUs Ray reserves per actor (and its torch threads)
+    gpus_per_worker: float = 0.0  # GPUs Ray reserves per actor (model.device=auto then uses it)
     max_tokens: int = 100000  # corpus prefix of at most this many tokens (0: the whole corpus)
     shard_tokens: int = 4096  # tokens per shard (a shard is consecutive whole texts); fixes the shards
     max_length: int = 128  # tokens per text (longer texts are truncated)
@@ -170,7 +176,9 @@ class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_
     retention_edits: int = 20  # ES on the first this many edits made (retention curve)
     sample_edits: int = 64  # ES on at most this many of the edits made so far (evenly spaced)
     baseline: bool = True  # score the unedited model on the stream's edit/rephrase prompts first
-    c0_scale: str = "mean"  # C0 handed to mose/memit: mean E[k kᵀ] (MEMIT's scale for locate.lam) | sum K0 K0ᵀ
+    c0_scale: str = (
+        "mean"  # C0 handed to mose/memit: mean E[k kᵀ] (MEMIT's scale for locate.lam) | sum K0 K0ᵀ
+    )
     run_name: str = ""  # empty: seq-<method>-b<b>-<model>-<data>-<timestamp>, under train.out_dir
 
 
@@ -324,6 +332,10 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.data.micro_batch_size < 0:
+        raise ConfigError(
+            f"data.micro_batch_size must be >= 0 (0: data.batch_size), got {cfg.data.micro_batch_size}"
+        )
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
 

@@ -58,13 +58,16 @@ class EditEngine:
         self.hooks = EditHooks(model, self.module_names)
         self.bank = HyperNetBank(self.shapes, cfg.method).to(device)
         self.loss_scale = float(cfg.data.batch_size)
+        # Losses are sums of per-edit means times 1/loss_scale, so the grouping into micro-batches only
+        # changes speed and memory (large ones fill a GPU), never the result.
+        self.micro_batch_rows = cfg.data.micro_batch_size or cfg.data.batch_size
 
     # ---- data -------------------------------------------------------------------------------------------
     def micro_batches(self, examples: list) -> list[TokenBatch]:
         data = self.cfg.data
         return [
             b.to(self.device)
-            for b in micro_batches(examples, data.batch_size, self.pad_id, data.max_batch_tokens)
+            for b in micro_batches(examples, self.micro_batch_rows, self.pad_id, data.max_batch_tokens)
         ]
 
     def batches_for(self, pool: TokenizedRecords, indices: list[int]) -> EditBatches:

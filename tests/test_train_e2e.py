@@ -160,3 +160,17 @@ def test_evaluate_needs_a_checkpoint(tmp_path):
         evaluate.main(["data.n_edits=8"])
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         evaluate.main([f"checkpoint={tmp_path / 'missing'}"])
+
+
+def test_micro_batch_size_changes_speed_not_results(tiny_overrides, tmp_path):
+    """data.micro_batch_size regroups the LM passes (large groups fill a GPU); data.batch_size stays the loss
+    normaliser, so the trained hypernetwork is the same up to fp32 summation order."""
+    finals = {}
+    for rows in (1, 8):
+        out = tmp_path / f"rows{rows}"
+        train.main(
+            tiny_overrides(out, **{"train.steps": 2, "data.micro_batch_size": rows, "train.run_name": "r"})
+        )
+        finals[rows] = load_checkpoint(out / "r")["hypernet"]
+    for key, value in finals[8].items():
+        torch.testing.assert_close(value, finals[1][key], rtol=1e-4, atol=1e-6, msg=key)
