@@ -1,0 +1,232 @@
+"""Locate-then-edit editors (MOSE, MEMIT) behind the small protocol the sequential-editing runner uses.
+
+One call to `edit` applies one batch of edits in place:
+  prefixes (once, from the unedited model) -> [MOSE: value residual per candidate layer, Eq. 22 selects l*]
+  -> target z = h_L + δ at the top edited layer L -> for each edited layer l, ascending: keys K_l (with the
+  layers below already edited), residual (z − h_L(current)) / (L − l + 1) (MEMIT's spreading), values
+  V_l = W_l K_l + residual, update W_l (MOSE: W <- R W; MEMIT: W <- W + ΔW).
+Legend: N edits, I = d_in, O = d_out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedTokenizerBase
+
+from horse_dist.config import LocateConfig, RunConfig
+from horse_dist.data.records import EditRecord
+from horse_dist.editor.mose import layer_scores, memit_delta, mose_rotation, select_layer, with_neighbours
+from horse_dist.lm.registry import module_shape
+from horse_dist.locate.keys import compute_keys, subject_block_outputs
+from horse_dist.locate.layers import block_name, module_names_for, n_layers, set_weight_OI, weight_OI
+from horse_dist.locate.prompts import essence_batch, rewrite_batch, sample_prefixes
+from horse_dist.locate.values import ValueOptions, ValueResult, first_row_per_edit, optimise_values
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("mose", "memit")
+SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# λ when locate.lam is 0. MEMIT's GPT-J value; for MOSE a large λ pins R to I (SmolLM2, 5 CounterFact edits:
+# ES 0.8 at λ = 1..100, 0.6 at 1000; docs/mose.md).
+DEFAULT_LAMBDA = {"mose": 10.0, "memit": 15000.0}
+
+
+class Editor(Protocol):
+    name: str
+    module_names: list[str]  # every weight it may change
+
+    def edit(self, records: list[EditRecord]) -> dict[str, float]: ...  # in place; returns timings
+
+
+def default_layers(total: int) -> list[int]:
+    """6 consecutive layers starting at 10% of the depth (MEMIT edits GPT-J's layers 3-8 of 28)."""
+    start = max(0, min(round(0.1 * total), total - 6))
+    return list(range(start, min(start + 6, total)))
+
+
+def candidate_layers(cfg: LocateConfig, model: nn.Module) -> list[int]:
+    layers = sorted(set(cfg.layers)) if cfg.layers else default_layers(n_layers(model))
+    module_names_for(model, layers)  # validates the range
+    return layers
+
+
+def editable_layers(cfg: LocateConfig, model: nn.Module) -> list[int]:
+    """Every layer an editor built from `cfg` may change: candidates, plus neighbours when selecting."""
+    layers = candidate_layers(cfg, model)
+    if not cfg.select_layer:
+        return layers
+    total = n_layers(model)
+    return sorted({i for layer in layers for i in with_neighbours(layer, total, cfg.neighbours)})
+
+
+def locate_module_names(cfg: LocateConfig, model: nn.Module) -> list[str]:
+    """The modules needing key statistics C0 (and changed by the editor), ascending layer order."""
+    return module_names_for(model, editable_layers(cfg, model))
+
+
+def validate_locate(cfg: LocateConfig) -> None:
+    if cfg.method not in METHODS:
+        raise ValueError(f"locate.method={cfg.method!r} is not one of {list(METHODS)}")
+    if cfg.solve_dtype not in SOLVE_DTYPES:
+        raise ValueError(f"locate.solve_dtype={cfg.solve_dtype!r} is not one of {sorted(SOLVE_DTYPES)}")
+    if cfg.lam < 0:
+        raise ValueError(f"locate.lam must be >= 0 (0: the method's default), got {cfg.lam}")
+    for key in ("v_lr", "clamp_factor"):
+        if not getattr(cfg, key) > 0:
+            raise ValueError(f"locate.{key} must be positive, got {getattr(cfg, key)}")
+    for key in ("v_steps", "n_prefixes", "prefix_len", "neighbours"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"locate.{key} must be >= 0, got {getattr(cfg, key)}")
+
+
+class LocateEditor:
+    """Shared flow of MOSE and MEMIT; subclasses give the weight update."""
+
+    name = "locate"
+
+    def __init__(
+        self, cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, stats: dict[str, Tensor]
+    ) -> None:
+        self.cfg = cfg.locate
+        validate_locate(self.cfg)
+        self.model, self.tokenizer = model, tokenizer
+        self.candidates = candidate_layers(self.cfg, model)
+        self.module_names = locate_module_names(self.cfg, model)
+        self.n_layers = n_layers(model)
+        self.dtype = SOLVE_DTYPES[self.cfg.solve_dtype]
+        self.lam = self.cfg.lam or DEFAULT_LAMBDA[self.name]
+        self.options = ValueOptions(
+            steps=self.cfg.v_steps,
+            lr=self.cfg.v_lr,
+            kl_factor=self.cfg.kl_factor,
+            weight_decay=self.cfg.v_weight_decay,
+            clamp_factor=self.cfg.clamp_factor,
+            min_nll=self.cfg.v_min_nll,
+        )
+        self.stats = self._check_stats(stats)
+        self.prefixes: list[str] | None = None
+        self.n_edited = 0
+
+    def _check_stats(self, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+        missing = [name for name in self.module_names if name not in stats]
+        if missing:
+            raise ValueError(f"{self.name}: no key statistics C0 for {missing} (have {sorted(stats)})")
+        checked = {}
+        for name in self.module_names:
+            d_in, _ = module_shape(self.model.get_submodule(name))
+            if tuple(stats[name].shape) != (d_in, d_in):
+                raise ValueError(
+                    f"{self.name}: C0 of {name} has shape {tuple(stats[name].shape)}, expected {(d_in, d_in)}"
+                )
+            checked[name] = stats[name].to(dtype=self.dtype, device=self._device)
+        return checked
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _module(self, layer: int) -> str:
+        return module_names_for(self.model, [layer])[0]
+
+    def update(self, w_OI: Tensor, c0_II: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
+        """The new weight (O, I); subclasses implement it."""
+        raise TypeError(f"{type(self).__name__} does not define an update")
+
+    def _values(self, layer: int, rewrite, essence) -> ValueResult:
+        name = self._module(layer)
+        return optimise_values(self.model, name, block_name(name), rewrite, essence, self.options)
+
+    def _select(self, rewrite, essence) -> tuple[int, dict[int, ValueResult]]:
+        """Eq. 22 over the candidate layers: the δ each needs, scaled by ‖W‖₂ and ‖k_e‖."""
+        results, resid, spectral, key_norms = {}, [], [], []
+        for layer in self.candidates:
+            name = self._module(layer)
+            keys_IN = compute_keys(self.model, name, rewrite)
+            results[layer] = self._values(layer, rewrite, essence)
+            resid.append(results[layer].delta_NO.T.double())  # V_E − W0 K_E = δ at that layer
+            spectral.append(
+                torch.linalg.matrix_norm(weight_OI(self.model.get_submodule(name)).double(), ord=2)
+            )
+            key_norms.append(keys_IN.double().norm(dim=0))
+        scores = layer_scores(resid, torch.stack(spectral), torch.stack(key_norms))
+        chosen = select_layer(self.candidates, scores)
+        logger.info(
+            "%s: layer scores %s -> layer %d", self.name, dict(zip(self.candidates, scores.tolist())), chosen
+        )
+        return chosen, results
+
+    def edit(self, records: list[EditRecord]) -> dict[str, float]:
+        if not records:
+            return {}
+        t0 = time.perf_counter()
+        if self.prefixes is None:
+            self.prefixes = sample_prefixes(
+                self.model, self.tokenizer, self.cfg.n_prefixes, self.cfg.prefix_len, self.cfg.seed
+            )
+        names = [f"edit {self.n_edited + i} (subject {r.subject!r})" for i, r in enumerate(records)]
+        rewrite = rewrite_batch(self.tokenizer, records, self.prefixes, names)
+        essence = essence_batch(self.tokenizer, records, self.cfg.essence_template, names)
+        timings = {"time/prepare": time.perf_counter() - t0}
+
+        t1 = time.perf_counter()
+        results: dict[int, ValueResult] = {}
+        if self.cfg.select_layer:
+            chosen, results = self._select(rewrite, essence)
+            layers = with_neighbours(chosen, self.n_layers, self.cfg.neighbours)
+            timings["layer"] = float(chosen)
+        else:
+            layers = list(self.candidates)
+        top = layers[-1]
+        if top not in results:
+            results[top] = self._values(top, rewrite, essence)
+        target = results[top]
+        timings["time/values"] = time.perf_counter() - t1
+        timings["nll_before"] = float(target.nll_before_N.mean())
+        timings["nll_after_values"] = float(target.nll_after_N.mean())
+
+        t2 = time.perf_counter()
+        top_block = block_name(self._module(top))
+        plain_rows = first_row_per_edit(rewrite)
+        for layer in layers:
+            name = self._module(layer)
+            module = self.model.get_submodule(name)
+            keys_IN = compute_keys(self.model, name, rewrite).to(self.dtype)
+            current_NO = subject_block_outputs(self.model, top_block, rewrite)[plain_rows]
+            resid_NO = (target.target_NO - current_NO.to(target.target_NO.device)) / (top - layer + 1)
+            w_OI = weight_OI(module).to(self.dtype)
+            values_ON = w_OI @ keys_IN + resid_NO.T.to(self.dtype)
+            set_weight_OI(module, self.update(w_OI, self.stats[name], keys_IN, values_ON))
+        timings["time/update"] = time.perf_counter() - t2
+        timings["time/total"] = time.perf_counter() - t0
+        self.n_edited += len(records)
+        logger.info(
+            "%s: %d edits on layers %s in %.2fs", self.name, len(records), layers, timings["time/total"]
+        )
+        return timings
+
+
+class MoseEditor(LocateEditor):
+    """W <- R W with R the Procrustes rotation of MOSE (norm and condition number of W unchanged)."""
+
+    name = "mose"
+
+    def update(self, w_OI: Tensor, c0_II: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
+        rot_OO = mose_rotation(w_OI, c0_II, keys_IN, values_ON, self.lam, self.dtype)
+        return rot_OO @ w_OI.to(self.dtype)
+
+
+class MemitEditor(LocateEditor):
+    """W <- W + ΔW, MEMIT's additive least-squares update (the drift MOSE avoids)."""
+
+    name = "memit"
+
+    def update(self, w_OI: Tensor, c0_II: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
+        return w_OI.to(self.dtype) + memit_delta(w_OI, c0_II, keys_IN, values_ON, self.lam, self.dtype)
+
+
+EDITORS: dict[str, type[LocateEditor]] = {"mose": MoseEditor, "memit": MemitEditor}

