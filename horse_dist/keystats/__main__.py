@@ -1,0 +1,31 @@
+"""python -m horse_dist.keystats [--config FILE] [model=preset] [model.key=value] [keystats.key=value ...]
+
+Computes (or reuses) the key statistics of model.source's edit modules (model.edit_modules, else the last
+model.n_edit_layers layers) and prints the provenance as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import torch
+
+from horse_dist.config import load_config, split_cli
+from horse_dist.keystats.job import report_dict, run_job
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(config_file, overrides)
+    torch.set_num_threads(max(1, int(cfg.keystats.cpus_per_worker)))
+    stats, prov, report = run_job(cfg, cfg.model.source, cfg.model.edit_modules)
+    summary = {"report": report_dict(report), "provenance": prov}
+    print(json.dumps(summary, indent=2))  # noqa: T201
+    return summary
+
+
+if __name__ == "__main__":
+    main()
