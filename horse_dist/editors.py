@@ -1,0 +1,119 @@
+"""Editors for sequential editing: one protocol for trained hypernetworks and locate-then-edit methods.
+
+An editor changes the model's weights in place, one batch of edits at a time, always starting from the
+weights as they are now (so a stream of calls edits cumulatively).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from horse_dist.config import ConfigError, RunConfig
+from horse_dist.data import EditRecord, tokenize_examples
+from horse_dist.dist.world import LocalWorld
+from horse_dist.engine import EditBatches, EditEngine
+from horse_dist.lm.export import apply_shifts_
+from horse_dist.lm.registry import resolve_edit_modules
+
+log = logging.getLogger(__name__)
+
+HYPERNET_METHODS = ("horse", "malmen")
+LOCATE_METHODS = ("mose", "memit")
+METHODS = HYPERNET_METHODS + LOCATE_METHODS
+
+
+class Editor(Protocol):
+    name: str
+    module_names: list[str]  # the weights it changes
+
+    def edit(self, records: list[EditRecord]) -> dict[str, float]: ...  # in place; returns timings
+
+
+class HyperNetEditor:
+    """A trained HORSE/MALMEN hypernetwork: predict the shifts from the current weights, merge them in."""
+
+    def __init__(self, engine: EditEngine, tokenizer: Any, name: str) -> None:
+        self.engine, self.tokenizer, self.name = engine, tokenizer, name
+        self.module_names = list(engine.module_names)
+
+    def edit(self, records: list[EditRecord]) -> dict[str, float]:
+        if not records:
+            raise ValueError("edit() needs at least one record")
+        started = time.perf_counter()
+        examples = tokenize_examples(self.tokenizer, [r.prompt for r in records], [r.answer for r in records])
+        batches = self.engine.micro_batches(examples)
+        cache = self.engine.cache(EditBatches(batches, [], [], len(records)))
+        cached = time.perf_counter()
+        shifts = self.engine.predict(cache, learn_statistics=False).shifts
+        predicted = time.perf_counter()
+        apply_shifts_(self.engine.model, dict(zip(self.module_names, shifts)))
+        merged = time.perf_counter()
+        return {
+            "cache_seconds": cached - started,
+            "predict_seconds": predicted - cached,
+            "merge_seconds": merged - predicted,
+            "edit_seconds": merged - started,
+        }
+
+
+def hypernet_editor(
+    cfg: RunConfig, model: nn.Module, tokenizer: Any, state: dict[str, Any]
+) -> HyperNetEditor:
+    """Wrap `model` (already loaded from the checkpoint's model config) with the checkpoint's hypernetwork."""
+    names = list(state.get("edit_modules") or []) or resolve_edit_modules(
+        model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers
+    )
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(cfg.train.seed)  # the bank's init, overwritten by the checkpoint below
+    engine = EditEngine(cfg, model, pad_id, names, LocalWorld(), device)
+    engine.bank.load_state_dict(state["hypernet"])
+    engine.bank.eval()
+    return HyperNetEditor(engine, tokenizer, cfg.method.name)
+
+
+def locate_editor(cfg: RunConfig, model: nn.Module, tokenizer: Any) -> Editor:
+    """MOSE / MEMIT from horse_dist.locate, with C0 per module it may change from horse_dist.keystats."""
+    try:  # lazily: these packages are optional for the hypernetwork methods
+        from horse_dist.keystats import load_or_compute_stats
+        from horse_dist.locate import build_locate_editor, locate_module_names
+    except ModuleNotFoundError as err:
+        if not (err.name or "").startswith(("horse_dist.locate", "horse_dist.keystats")):
+            raise
+        raise ConfigError(
+            f"sequential.method={cfg.sequential.method!r} needs horse_dist.locate and horse_dist.keystats, "
+            f"which this checkout does not have ({err})"
+        ) from None
+    cfg.locate.method = cfg.sequential.method
+    names = locate_module_names(cfg.locate, model)
+    stats = load_or_compute_stats(cfg, cfg.model.source, names, model, tokenizer)
+    # locate.lam is calibrated on MEMIT's scale, the mean E[k kᵀ]; `sum` passes K0 K0ᵀ itself
+    if cfg.sequential.c0_scale == "mean":
+        c0 = {name: s.normalized_second_moment() for name, s in stats.items()}
+    else:
+        c0 = {name: s.second_moment for name, s in stats.items()}
+    try:
+        return build_locate_editor(cfg, model, tokenizer, c0)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def build_editor(
+    cfg: RunConfig, model: nn.Module, tokenizer: Any, checkpoint_state: dict[str, Any] | None = None
+) -> Editor:
+    """The editor for cfg.sequential.method; hypernetwork methods need their checkpoint's state."""
+    method = cfg.sequential.method
+    if method in HYPERNET_METHODS:
+        if checkpoint_state is None:
+            raise ConfigError(
+                f"sequential.method={method!r} needs a trained checkpoint (sequential.checkpoint)"
+            )
+        return hypernet_editor(cfg, model, tokenizer, checkpoint_state)
+    if method in LOCATE_METHODS:
+        return locate_editor(cfg, model, tokenizer)
+    raise ConfigError(f"sequential.method={method!r} is not one of {list(METHODS)}")

@@ -1,0 +1,482 @@
+"""Sequential editing: T steps of b edits each, applied cumulatively to the model's weights (issue 6).
+
+    python -m horse_dist.sequential [--config FILE] sequential.method=horse sequential.checkpoint=runs/<run> ...
+    python -m horse_dist.sequential compare runs/<seq run> runs/<another> out=compare.png
+
+Along the stream, every `sequential.eval_every` steps: the Frobenius norm and condition number of each
+edited weight, ES on the first `retention_edits` edits (retention) and on a sample of the edits made so far.
+After the stream: ES/GS/LS on every edit made (LS = agreement with the unedited model's predictions on the
+locality prompts). Curves go to MLflow with step = edits made, a plot and a JSON summary to the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from horse_dist.config import (
+    ConfigError,
+    RunConfig,
+    SequentialConfig,
+    flatten,
+    load_config,
+    split_cli,
+    to_yaml,
+)
+from horse_dist.data import TokenizedExample, TokenizedRecords, micro_batches
+from horse_dist.editors import HYPERNET_METHODS, METHODS, Editor
+from horse_dist.lm.passes import PassResult, score_pass
+from horse_dist.tracking import Tracker, experiment_name, make_tracker, run_tags
+from horse_dist.weight_stats import module_weight_stats, relative_change
+
+log = logging.getLogger("horse_dist.sequential")
+
+POOLS = ("eval", "train", "all")
+SUMMARY_NAME = "sequential.json"
+
+
+# ---- config -----------------------------------------------------------------------------------------------
+def check_sequential(seq: SequentialConfig) -> None:
+    if seq.method not in METHODS:
+        raise ConfigError(f"sequential.method={seq.method!r} is not one of {list(METHODS)}")
+    if seq.c0_scale not in ("mean", "sum"):
+        raise ConfigError(f"sequential.c0_scale={seq.c0_scale!r} is not one of ['mean', 'sum']")
+    if seq.pool not in POOLS:
+        raise ConfigError(f"sequential.pool={seq.pool!r} is not one of {list(POOLS)}")
+    for key in ("steps", "batch_size", "retention_edits", "sample_edits"):
+        if getattr(seq, key) <= 0:
+            raise ConfigError(f"sequential.{key} must be positive, got {getattr(seq, key)}")
+    if seq.eval_every < 0:
+        raise ConfigError(f"sequential.eval_every must be >= 0, got {seq.eval_every}")
+    if seq.method in HYPERNET_METHODS and not seq.checkpoint:
+        raise ConfigError(
+            f"sequential.method={seq.method!r} needs sequential.checkpoint=<run dir or checkpoint.pt> "
+            "from `python -m horse_dist.train`"
+        )
+
+
+def prepare_config(config_file: str | None, overrides: list[str]) -> tuple[RunConfig, dict[str, Any] | None]:
+    """The run's config, and the checkpoint state for hypernetwork methods. A checkpoint fixes the model
+    (except its device) and the method; data, tracking, output and the stream come from this run's config."""
+    from horse_dist.build import resolve_path
+    from horse_dist.checkpoint import load_checkpoint
+    from horse_dist.config import config_from_yaml
+
+    cfg = load_config(config_file, overrides)
+    check_sequential(cfg.sequential)
+    if cfg.sequential.method not in HYPERNET_METHODS:
+        return cfg, None
+    try:
+        state = load_checkpoint(resolve_path(cfg.sequential.checkpoint))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"sequential.checkpoint={cfg.sequential.checkpoint!r}: {err}") from None
+    trained = config_from_yaml(state["config"], [])
+    if trained.method.name != cfg.sequential.method:
+        raise ConfigError(
+            f"sequential.checkpoint={cfg.sequential.checkpoint!r} holds a {trained.method.name!r} hypernetwork, "
+            f"but sequential.method={cfg.sequential.method!r}"
+        )
+    device = cfg.model.device
+    cfg.model, cfg.method = trained.model, trained.method
+    cfg.model.device = device
+    return cfg, state
+
+
+# ---- the stream -------------------------------------------------------------------------------------------
+def stream_order(pool_size: int, n_edits: int, seed: int) -> list[int]:
+    """Which pool records are edited, in edit order: a seeded permutation's first n_edits (no repeats)."""
+    if n_edits > pool_size:
+        raise ValueError(f"the stream needs {n_edits} distinct edits but the pool holds {pool_size}")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(pool_size, generator=generator)[:n_edits].tolist()
+
+
+def curve_steps(steps: int, eval_every: int) -> list[int]:
+    """Steps (1-based, after editing) with a curve point: every eval_every-th and always the first and last."""
+    points = {1, steps} | (set(range(eval_every, steps + 1, eval_every)) if eval_every else set())
+    return sorted(points)
+
+
+def retention_indices(n_made: int, retention_edits: int) -> list[int]:
+    return list(range(min(n_made, retention_edits)))
+
+
+def sample_indices(n_made: int, cap: int) -> list[int]:
+    """At most `cap` of the first n_made edits, evenly spaced (first and last included), deterministic."""
+    if n_made <= cap:
+        return list(range(n_made))
+    return sorted({round(i * (n_made - 1) / (cap - 1)) for i in range(cap)}) if cap > 1 else [n_made - 1]
+
+
+class Scorer(Protocol):
+    def score(
+        self, kind: str, indices: list[int], reference: list[torch.Tensor] | None = None
+    ) -> PassResult: ...
+
+
+class StreamScorer:
+    """Teacher-forced per-edit accuracy of the model as it is now on the stream's tokenised prompts.
+    `kind` is edit (ES), equiv (GS) or unrel (locality); the same indices always give the same batches,
+    so predictions can be compared across calls."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        examples: TokenizedRecords,
+        batch_size: int,
+        max_batch_tokens: int,
+        pad_id: int,
+        device: torch.device,
+    ) -> None:
+        self.model, self.examples, self.pad_id, self.device = model, examples, pad_id, device
+        self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+
+    def score(self, kind: str, indices: list[int], reference: list[torch.Tensor] | None = None) -> PassResult:
+        pool: list[TokenizedExample] = getattr(self.examples, kind)
+        chosen = [pool[i] for i in indices]
+        batches = [
+            b.to(self.device)
+            for b in micro_batches(chosen, self.batch_size, self.pad_id, self.max_batch_tokens)
+        ]
+        return score_pass(self.model, None, batches, len(indices), None, reference)
+
+
+@dataclass
+class StreamResult:
+    summary: dict[str, Any]
+    metrics: dict[str, float]  # the final ones
+
+
+def _mean(result: PassResult, agreement: bool = False) -> float:
+    values = result.agreement if agreement else result.accuracy
+    return float(values.mean()) if values.numel() else float("nan")
+
+
+def weight_metrics(
+    stats: dict[str, tuple[float, float]], initial: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    out = {}
+    for name, (norm, cond) in stats.items():
+        out[f"weight/{name}/norm"] = norm
+        out[f"weight/{name}/cond"] = cond
+        out[f"weight/{name}/norm_rel_change"] = relative_change(norm, initial[name][0])
+        out[f"weight/{name}/cond_rel_change"] = relative_change(cond, initial[name][1])
+    return out
+
+
+def run_stream(
+    editor: Editor,
+    model: nn.Module,
+    stream: Sequence,
+    scorer: Scorer,
+    seq: SequentialConfig,
+    tracker: Tracker,
+) -> StreamResult:
+    """Edit `stream` (records in edit order) in steps of seq.batch_size, cumulatively, with curves."""
+    b, steps = seq.batch_size, seq.steps
+    if len(stream) != b * steps:
+        raise ValueError(f"stream holds {len(stream)} records, expected steps × batch_size = {steps * b}")
+    everything = list(range(len(stream)))
+    started = time.perf_counter()
+    loc_before = scorer.score("unrel", everything)
+    baseline: dict[str, float] = {"unedited/loc_accuracy": _mean(loc_before)}
+    if seq.baseline:
+        baseline["unedited/ES"] = _mean(scorer.score("edit", everything))
+        baseline["unedited/GS"] = _mean(scorer.score("equiv", everything))
+    baseline_seconds = time.perf_counter() - started
+
+    initial = module_weight_stats(model, editor.module_names)
+    curves: dict[str, list[float | None]] = {"edits": [0.0], "retention_ES": [None], "stream_ES": [None]}
+    weights = {name: {"norm": [norm], "cond": [cond]} for name, (norm, cond) in initial.items()}
+    tracker.log_metrics(weight_metrics(initial, initial), step=0)
+
+    timings: dict[str, float] = {}
+    points = set(curve_steps(steps, seq.eval_every))
+    bar = tqdm(range(1, steps + 1), desc=f"sequential {editor.name} b={b}", unit="step", dynamic_ncols=True)
+    for step in bar:
+        made = step * b
+        step_started = time.perf_counter()
+        reported = editor.edit(list(stream[made - b : made]))  # editor-specific timings and diagnostics
+        step_seconds = time.perf_counter() - step_started
+        timings["edit_seconds"] = timings.get("edit_seconds", 0.0) + step_seconds
+        tracker.log_metrics(
+            {"time/step_seconds": step_seconds, **{f"editor/{k}": float(v) for k, v in reported.items()}},
+            step=made,
+        )
+        if step not in points:
+            continue
+        eval_started = time.perf_counter()
+        stats = module_weight_stats(model, editor.module_names)
+        retention = _mean(scorer.score("edit", retention_indices(made, seq.retention_edits)))
+        so_far = _mean(scorer.score("edit", sample_indices(made, seq.sample_edits)))
+        curves["edits"].append(float(made))
+        curves["retention_ES"].append(retention)
+        curves["stream_ES"].append(so_far)
+        for name, (norm, cond) in stats.items():
+            weights[name]["norm"].append(norm)
+            weights[name]["cond"].append(cond)
+        tracker.log_metrics(
+            {"retention/ES": retention, "stream/ES": so_far, **weight_metrics(stats, initial)}, step=made
+        )
+        timings["curve_seconds"] = timings.get("curve_seconds", 0.0) + time.perf_counter() - eval_started
+        bar.set_postfix(retention=f"{retention:.3f}", es=f"{so_far:.3f}")
+    bar.close()
+
+    final_started = time.perf_counter()
+    final = {
+        "final/ES": _mean(scorer.score("edit", everything)),
+        "final/GS": _mean(scorer.score("equiv", everything)),
+    }
+    loc_after = scorer.score("unrel", everything, loc_before.predictions)
+    final["final/LS"] = _mean(loc_after, agreement=True)
+    final["final/loc_accuracy"] = _mean(loc_after)
+    timings["final_eval_seconds"] = time.perf_counter() - final_started
+    timings["baseline_seconds"] = baseline_seconds
+    last = {name: (w["norm"][-1], w["cond"][-1]) for name, w in weights.items()}
+    drift = weight_metrics(last, initial)
+    final["final/max_norm_rel_change"] = max(v for k, v in drift.items() if k.endswith("norm_rel_change"))
+    final["final/max_cond_rel_change"] = max(v for k, v in drift.items() if k.endswith("cond_rel_change"))
+    final["final/retention_ES"] = curves["retention_ES"][-1]
+    metrics = {**baseline, **final, "edits": float(len(stream))}
+    metrics["edits_per_second"] = (
+        len(stream) / timings["edit_seconds"] if timings.get("edit_seconds") else 0.0
+    )
+    tracker.log_metrics(metrics, step=len(stream))
+    summary = {
+        "method": editor.name,
+        "steps": steps,
+        "batch_size": b,
+        "n_edits": len(stream),
+        "module_names": list(editor.module_names),
+        "metrics": metrics,
+        "timings": timings,
+        "curves": {**curves, "weights": weights},
+    }
+    return StreamResult(summary, metrics)
+
+
+# ---- output -----------------------------------------------------------------------------------------------
+def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
+    """Per layer ‖W‖_F / ‖W₀‖_F and cond(W) / cond(W₀) against edits made (one line per run and layer),
+    and the retention / stream ES curves; several runs share the axes, so methods can be compared."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (norm_axis, cond_axis, es_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    for run_index, summary in enumerate(summaries):
+        curves, label = summary["curves"], f"{summary['method']} b={summary['batch_size']}"
+        edits = curves["edits"]
+        for layer_index, (name, values) in enumerate(curves["weights"].items()):
+            style = dict(color=f"C{run_index}", alpha=0.4 + 0.6 * (layer_index + 1) / len(curves["weights"]))
+            layer = name.split(".")[-3] if name.count(".") >= 2 else name
+            norm_axis.plot(
+                edits, [v / values["norm"][0] for v in values["norm"]], **style, label=f"{label} {layer}"
+            )
+            cond_axis.plot(
+                edits, [v / values["cond"][0] for v in values["cond"]], **style, label=f"{label} {layer}"
+            )
+        es_axis.plot(
+            edits[1:], curves["retention_ES"][1:], "-o", color=f"C{run_index}", label=f"{label} retention"
+        )
+        es_axis.plot(
+            edits[1:], curves["stream_ES"][1:], "--", color=f"C{run_index}", label=f"{label} edits so far"
+        )
+    norm_axis.set(xlabel="edits made", ylabel="‖W‖_F / ‖W₀‖_F", title="Frobenius norm per edited layer")
+    cond_axis.set(xlabel="edits made", ylabel="cond(W) / cond(W₀)", title="condition number per edited layer")
+    es_axis.set(
+        xlabel="edits made", ylabel="edit success", ylim=(-0.02, 1.02), title="retention (first edits)"
+    )
+    for axis in (norm_axis, cond_axis, es_axis):
+        axis.legend(fontsize=6)
+    figure.tight_layout()
+    return figure
+
+
+def atomic_write_text(text: str, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+TABLE_COLUMNS = (
+    ("edits", "edits", "{:.0f}"),
+    ("ES", "final/ES", "{:.3f}"),
+    ("GS", "final/GS", "{:.3f}"),
+    ("LS", "final/LS", "{:.3f}"),
+    ("loc acc", "final/loc_accuracy", "{:.3f}"),
+    ("retention", "final/retention_ES", "{:.3f}"),
+    ("ES before", "unedited/ES", "{:.3f}"),
+    ("GS before", "unedited/GS", "{:.3f}"),
+    ("max Δ‖W‖", "final/max_norm_rel_change", "{:.2e}"),
+    ("max Δcond", "final/max_cond_rel_change", "{:.2e}"),
+)
+
+
+def format_table(summaries: list[dict[str, Any]]) -> str:
+    """One row per run summary: final ES/GS/LS, retention, the unedited baseline and the weight drift."""
+    header = ["method", *[c[0] for c in TABLE_COLUMNS]]
+    rows = [
+        [f"{s['method']} b={s['batch_size']}"]
+        + [fmt.format(s["metrics"][key]) if key in s["metrics"] else "-" for _, key, fmt in TABLE_COLUMNS]
+        for s in summaries
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in [header, *rows])
+
+
+def compare(paths: list[str], out: str) -> str:
+    """Table and overlay plot of finished runs (run folders or their sequential.json)."""
+    summaries = []
+    for path in paths:
+        file = Path(path) / SUMMARY_NAME if Path(path).is_dir() else Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"no sequential summary at {file}")
+        summaries.append(json.loads(file.read_text()))
+    figure = plot_sequential(summaries)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    return format_table(summaries)
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    model = Path(cfg.model.source.rstrip("/")).name
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"seq-{cfg.sequential.method}-b{cfg.sequential.batch_size}-{model}-{cfg.data.name}-{stamp}"
+
+
+def stream_pool(cfg: RunConfig, tokenizer: Any) -> tuple[list, TokenizedRecords]:
+    """The records the stream draws from (cfg.sequential.pool), with their tokenised views."""
+    from horse_dist.build import load_data
+
+    pools = load_data(cfg, tokenizer)
+    if cfg.sequential.pool == "eval":
+        return pools.eval_records, pools.eval
+    if cfg.sequential.pool == "train":
+        return pools.train_records, pools.train
+    records = pools.eval_records + pools.train_records
+    views = TokenizedRecords(
+        *(getattr(pools.eval, v) + getattr(pools.train, v) for v in ("edit", "equiv", "unrel"))
+    )
+    return records, views
+
+
+def select(views: TokenizedRecords, order: list[int]) -> TokenizedRecords:
+    return TokenizedRecords(*([getattr(views, v)[i] for i in order] for v in ("edit", "equiv", "unrel")))
+
+
+def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load the model, build the editor, run the stream, write and log everything; returns the summary."""
+    from horse_dist.build import pick_device, resolve_path
+    from horse_dist.editors import build_editor
+    from horse_dist.lm.load import load_frozen_lm
+
+    seq = cfg.sequential
+    check_sequential(seq)
+    seq.run_name = seq.run_name or default_run_name(cfg)
+    run_dir = resolve_path(cfg.train.out_dir) / seq.run_name
+    if (run_dir / SUMMARY_NAME).exists():
+        raise ConfigError(f"{run_dir} already holds a sequential run; choose another sequential.run_name")
+    device = pick_device(cfg.model.device)
+    model, tokenizer = load_frozen_lm(cfg.model.source, dtype=cfg.model.dtype, device=str(device))
+    records, views = stream_pool(cfg, tokenizer)
+    try:
+        order = stream_order(len(records), seq.steps * seq.batch_size, seq.seed)
+    except ValueError as err:
+        raise ConfigError(
+            f"sequential.steps × sequential.batch_size: {err} (sequential.pool={seq.pool!r}, "
+            f"data.train_path={cfg.data.train_path!r}, data.eval_path={cfg.data.eval_path!r})"
+        ) from None
+    stream = [records[i] for i in order]
+    log.info(
+        "stream: %d steps of %d edits from %d %s records", seq.steps, seq.batch_size, len(records), seq.pool
+    )
+    editor = build_editor(cfg, model, tokenizer, checkpoint_state)  # after the cheap checks: C0 may be costly
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scorer = StreamScorer(
+        model, select(views, order), cfg.data.batch_size, cfg.data.max_batch_tokens, pad_id, device
+    )
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(to_yaml(cfg), run_dir / "config.yaml")
+    tags = {
+        **run_tags(cfg, 1),
+        "method": seq.method,
+        "mode": "sequential",
+        "steps": str(seq.steps),
+        "batch_size": str(seq.batch_size),
+    }
+    tracker = make_tracker(
+        cfg.tracking.enabled, cfg.tracking.uri, experiment_name(cfg), seq.run_name, tags, cfg.tracking
+    )
+    tracker.log_params(flatten(cfg))
+    try:
+        result = run_stream(editor, model, stream, scorer, seq, tracker)
+        summary = {
+            **result.summary,
+            "run_name": seq.run_name,
+            "model": cfg.model.source,
+            "data": cfg.data.name,
+            "checkpoint": seq.checkpoint,
+            "pool": seq.pool,
+            "seed": seq.seed,
+            "pool_indices": order,
+        }
+        summary_path = atomic_write_text(json.dumps(summary, indent=2), run_dir / SUMMARY_NAME)
+        tracker.log_artifact(summary_path)
+        figure = plot_sequential([summary])
+        tracker.log_figure(figure, "plots/sequential.png")
+        figure.savefig(run_dir / "sequential.png", dpi=100)
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    print(format_table([summary]))  # noqa: T201
+    print(f"run folder: {run_dir}")  # noqa: T201
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """`[--config FILE] key=value ...` runs a stream; `compare RUN... [out=FILE]` tabulates and overlays runs."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("out=")), "sequential_compare.png")
+        runs = [a for a in argv[1:] if not a.startswith("out=")]
+        if not runs:
+            raise ConfigError("compare needs one or more run folders or sequential.json files")
+        print(compare(runs, out))  # noqa: T201
+        print(f"plot: {out}")  # noqa: T201
+        return {"plot": out}
+    config_file, overrides = split_cli(argv)
+    cfg, state = prepare_config(config_file, overrides)
+    return run(cfg, state)
+
+
+if __name__ == "__main__":
+    main()
