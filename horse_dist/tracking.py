@@ -139,7 +139,8 @@ class MLflowTracker:
         if uri.startswith(("http://", "https://")):
             _http_settings(http_timeout_s, http_retries)
         self.uri = uri
-        self.client = MlflowClient(uri)
+        # The registry explicitly too: MlflowClient would otherwise take a process-wide registry URI.
+        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         if found is not None:
             experiment_id = found.experiment_id

@@ -141,15 +141,16 @@ def test_a_local_run_logs_params_metrics_tags_artifacts_and_the_registered_model
     assert Path(local).read_bytes() == (root / "runs" / "a" / "checkpoint.pt").read_bytes()
 
 
-def test_the_registered_hypernetwork_is_a_pyfunc_model_that_edits(two_runs):
+def test_the_registered_hypernetwork_is_a_pyfunc_model_that_edits(two_runs, monkeypatch):
     import mlflow.pyfunc
     import pandas as pd
 
     uri, root, runs = two_runs
     name = registered_model_name(runs["a"].data.tags["model"], "horse")
     version = runs["a"].data.tags["registered_model"].split("/")[-1]
-    mlflow.set_registry_uri(uri)
-    mlflow.set_tracking_uri(uri)
+    # Through the environment (undone after the test), not mlflow.set_*_uri: those stick for the process.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
     records = json.loads(HEAD_FILE.read_text())[:4]
     facts = pd.DataFrame({"prompt": [r["src"] for r in records], "answer": [r["alt"] for r in records]})
