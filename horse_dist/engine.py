@@ -57,24 +57,38 @@ class EditEngine:
         self.shapes = [module_shape(model.get_submodule(name)) for name in self.module_names]
         self.hooks = EditHooks(model, self.module_names)
         self.bank = HyperNetBank(self.shapes, cfg.method).to(device)
+        self.deepspeed = None  # the DeepSpeedLM of a distributed worker (build.build_engine sets it)
         self.loss_scale = float(cfg.data.batch_size)
         # Losses are sums of per-edit means times 1/loss_scale, so the grouping into micro-batches only
         # changes speed and memory (large ones fill a GPU), never the result.
         self.micro_batch_rows = cfg.data.micro_batch_size or cfg.data.batch_size
 
     # ---- data -------------------------------------------------------------------------------------------
-    def micro_batches(self, examples: list) -> list[TokenBatch]:
+    def micro_batches(self, examples: list, min_batches: int = 0) -> list[TokenBatch]:
         data = self.cfg.data
-        return [
-            b.to(self.device)
-            for b in micro_batches(examples, self.micro_batch_rows, self.pad_id, data.max_batch_tokens)
-        ]
+        batches = micro_batches(
+            examples, self.micro_batch_rows, self.pad_id, data.max_batch_tokens, min_batches
+        )
+        return [b.to(self.device) for b in batches]
 
     def batches_for(self, pool: TokenizedRecords, indices: list[int]) -> EditBatches:
-        def pick(examples):
-            return self.micro_batches([examples[i] for i in indices])
+        views = [[examples[i] for i in indices] for examples in (pool.edit, pool.equiv, pool.unrel)]
+        counts = [0, 0, 0]
+        if self.lockstep:
+            counts = self._max_batch_counts([len(self.micro_batches(v)) for v in views])
+        edit, equiv, unrel = (self.micro_batches(v, n) for v, n in zip(views, counts))
+        return EditBatches(edit, equiv, unrel, len(indices))
 
-        return EditBatches(pick(pool.edit), pick(pool.equiv), pick(pool.unrel), len(indices))
+    @property
+    def lockstep(self) -> bool:
+        """ZeRO-3 with several workers: every LM pass all-gathers weight shards from all workers, so each
+        worker must run the same number of micro-batches (a worker with one pass more would wait forever)."""
+        return self.world.size > 1 and self.deepspeed is not None and self.deepspeed.zero_stage == 3
+
+    def _max_batch_counts(self, local: list[int]) -> list[int]:
+        table = torch.zeros(self.world.size, len(local), dtype=torch.float64)
+        table[self.world.rank] = torch.tensor(local, dtype=torch.float64)
+        return [int(v) for v in self.world.all_reduce_sum(table).max(dim=0).values]
 
     # ---- editing ----------------------------------------------------------------------------------------
     def cache(self, batches: EditBatches) -> CacheResult:

@@ -489,3 +489,15 @@ def test_train_eval_split_is_disjoint_and_deterministic():
     assert train_eval_split(2031, 200, seed=1)[1] != big_eval
     with pytest.raises(ValueError, match=r"eval_size must be in \[0, 10\], got 11"):
         train_eval_split(10, 11, seed=0)
+
+
+def test_micro_batches_split_to_a_minimum_count():
+    """ZeRO-3 workers must run equally many passes: min_batches splits the largest batches."""
+    examples = [TokenizedExample([1] * n, [-100] * (n - 1) + [5]) for n in (9, 8, 7, 3, 2)]
+    plain = micro_batches(examples, 4, 0)
+    assert [b.input_ids.shape[0] for b in plain] == [4, 1]
+    split = micro_batches(examples, 4, 0, min_batches=4)
+    assert len(split) == 4
+    assert sorted(int(i) for b in split for i in b.example_ids) == [0, 1, 2, 3, 4]  # every edit exactly once
+    with pytest.raises(ValueError, match="cannot make 6 micro-batches of 5 examples"):
+        micro_batches(examples, 4, 0, min_batches=6)

@@ -277,8 +277,16 @@ def test_ray_run_is_tracked_once_from_rank0(ray_w2_zero0):
 def test_ray_w2_zero3_matches_local(ray_cluster, local_reference, tmp_path, tiny_dir):
     from horse_dist.dist.ray_launch import run_ray
 
+    # A 64-token budget gives the two workers different numbers of micro-batches at every step (2-4 each):
+    # under ZeRO-3 they must still run the same number of passes, or the all-gathers never complete.
     cfg = tiny_config(
-        tiny_dir, tmp_path, "w2z3", "dist.backend=ray", "dist.num_workers=2", "dist.zero_stage=3"
+        tiny_dir,
+        tmp_path,
+        "w2z3",
+        "dist.backend=ray",
+        "dist.num_workers=2",
+        "dist.zero_stage=3",
+        "data.max_batch_tokens=64",
     )
     result = run_ray(cfg)
     assert_same_hypernet(

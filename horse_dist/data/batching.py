@@ -42,13 +42,15 @@ def collate(examples: list[TokenizedExample], example_ids: list[int], pad_id: in
 
 
 def micro_batches(
-    examples: list[TokenizedExample], batch_size: int, pad_id: int, max_tokens: int = 0
+    examples: list[TokenizedExample], batch_size: int, pad_id: int, max_tokens: int = 0, min_batches: int = 0
 ) -> list[TokenBatch]:
     """Longest first (stable sort), so rows of similar length share a batch; example id = position in `examples`.
 
     A batch holds at most `batch_size` rows and, if `max_tokens` > 0, at most `max_tokens` padded tokens
     (rows × longest row; a single longer row still gets its own batch). On CPU a pass costs about its padded
     token count, so the token budget keeps long outliers from inflating a whole batch of short rows.
+    `min_batches` splits the largest batches until there are at least that many (ZeRO-3 workers must run
+    the same number of passes: each pass all-gathers the weights from every worker).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -62,6 +64,15 @@ def micro_batches(
                 chunk.append(i)
                 continue
         chunks.append([i])
+    if min_batches > len(examples):
+        raise ValueError(
+            f"cannot make {min_batches} micro-batches of {len(examples)} examples: another worker needs "
+            f"{min_batches} passes; raise data.max_batch_tokens or give each worker more edits"
+        )
+    while len(chunks) < min_batches:
+        largest = max(range(len(chunks)), key=lambda c: len(chunks[c]))
+        chunk = chunks.pop(largest)
+        chunks[largest:largest] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
     return [collate([examples[i] for i in chunk], chunk, pad_id) for chunk in chunks]
 
 
