@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import resource
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from horse_dist.build import build_engine, load_data
+from horse_dist.checkpoint import atomic_write_text
 from horse_dist.config import ConfigError, RunConfig, flatten, load_config, split_cli
 from horse_dist.data import TokenBatch, TokenizedExample, meta_batch_indices
 from horse_dist.editor.solve import choose_form
@@ -448,16 +447,7 @@ def format_report(report: dict) -> str:
 
 def write_json(report: dict, path: Path) -> Path:
     """Atomically (temp file + rename), so a reader never sees half a report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(report, handle, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write_text(json.dumps(report, indent=2), path)
 
 
 def main(argv: list[str] | None = None) -> dict:

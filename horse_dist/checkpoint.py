@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 import torch
@@ -18,13 +19,15 @@ import torch
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through a temp file in the same folder, fsync, then rename over `path`: a reader (or a crash)
+    sees the old file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -32,6 +35,14 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    return atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def rng_state() -> dict[str, Any]:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from horse_dist.checkpoint import atomic_write_text
 from horse_dist.config import (
     ConfigError,
     RunConfig,
@@ -38,7 +37,7 @@ from horse_dist.config import (
 from horse_dist.data import TokenizedExample, TokenizedRecords, micro_batches
 from horse_dist.editors import HYPERNET_METHODS, METHODS, Editor
 from horse_dist.lm.passes import PassResult, score_pass
-from horse_dist.tracking import Tracker, experiment_name, make_tracker, run_tags
+from horse_dist.tracking import Tracker, exit_on_sigterm, experiment_name, make_tracker, run_tags
 from horse_dist.weight_stats import module_weight_stats, relative_change
 
 log = logging.getLogger("horse_dist.sequential")
@@ -306,21 +305,6 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
     return figure
 
 
-def atomic_write_text(text: str, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 TABLE_COLUMNS = (
     ("edits", "edits", "{:.0f}"),
     ("ES", "final/ES", "{:.3f}"),
@@ -464,6 +448,7 @@ def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`[--config FILE] key=value ...` runs a stream; `compare RUN... [out=FILE]` tabulates and overlays runs."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    exit_on_sigterm()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:
         out = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("out=")), "sequential_compare.png")

@@ -117,7 +117,10 @@ def run_methods_sweep(config_file: str | None, overrides: list[str], methods: li
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from horse_dist.tracking import exit_on_sigterm
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    exit_on_sigterm()
     config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     methods_arg = [o.split("=", 1)[1] for o in overrides if o.startswith("methods=")]
     if not methods_arg:

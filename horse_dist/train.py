@@ -31,7 +31,14 @@ from horse_dist.config import ConfigError, RunConfig, flatten, load_config, spli
 from horse_dist.data import meta_batch_indices, shard_slice
 from horse_dist.dist.world import LocalWorld
 from horse_dist.evaluate import evaluate_pool, format_table
-from horse_dist.tracking import Tracker, experiment_name, make_tracker, registered_model_name, run_tags
+from horse_dist.tracking import (
+    Tracker,
+    exit_on_sigterm,
+    experiment_name,
+    make_tracker,
+    registered_model_name,
+    run_tags,
+)
 
 log = logging.getLogger("horse_dist.train")
 
@@ -218,6 +225,7 @@ def run_local(cfg: RunConfig) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    exit_on_sigterm()
     config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_file, overrides)
     torch.manual_seed(cfg.train.seed)

@@ -303,3 +303,31 @@ def test_a_real_mlflow_server_receives_a_run_over_http(tiny, server, tmp_path):
     assert list((folder / "artifacts").rglob("checkpoint.pt"))  # proxied to the server's artifact root
     (version,) = client.search_model_versions("name = 'horse_dist-llama-horse'")
     assert version.run_id == run.info.run_id
+
+
+def test_sigterm_closes_the_run_as_failed_and_keeps_the_checkpoint(tiny, tmp_path):
+    """Pod deletion or `ray job stop` sends SIGTERM: the run must not stay RUNNING, the checkpoint stays good."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = tiny(
+        tmp_path / "runs",
+        uri,
+        **{
+            "train.steps": 500,
+            "train.checkpoint_every": 1,
+            "train.run_name": "killed",
+            "tracking.system_metrics": False,
+        },
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen([sys.executable, "-m", "horse_dist.train", *overrides], env=env, cwd=tmp_path)
+    checkpoint = tmp_path / "runs" / "killed" / "checkpoint.pt"
+    deadline = time.time() + 120
+    while not checkpoint.exists():
+        assert process.poll() is None and time.time() < deadline, "training did not write a checkpoint"
+        time.sleep(0.2)
+    process.send_signal(15)
+    assert process.wait(timeout=60) == 128 + 15
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("zsre-llama").experiment_id])
+    assert run.info.status == "FAILED"
+    assert torch.load(checkpoint, weights_only=False)["step"] >= 1

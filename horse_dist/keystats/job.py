@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from horse_dist.checkpoint import atomic_torch_save
+from horse_dist.checkpoint import atomic_torch_save, atomic_write_text
 from horse_dist.config import REPO_ROOT, RunConfig
 from horse_dist.keystats.accumulate import KeyStats, accum_dtype, accumulate_texts, token_counts
 from horse_dist.keystats.corpus import Corpus, Shard, build_corpus, plan_shards, shards_json
@@ -95,9 +95,7 @@ def folder_fingerprint(folder: Path, memo_path: Path) -> str:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode() + b"\0" + _file_digest(path, memo).encode())
     memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
+    atomic_write_text(json.dumps(memo), memo_path)
     return digest.hexdigest()
 
 
@@ -505,9 +503,7 @@ def run_job(
         {"format": FORMAT, "provenance": prov, "stats": {n: s.to_dict() for n, s in stats.items()}},
         plan.stats_path,
     )
-    tmp = plan.root / f".provenance.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(prov, indent=2) + "\n")
-    os.replace(tmp, plan.root / "provenance.json")
+    atomic_write_text(json.dumps(prov, indent=2) + "\n", plan.root / "provenance.json")
     log.info(
         "key statistics written to %s: %d tokens; timings %s",
         plan.stats_path,
