@@ -138,3 +138,21 @@ def test_torch_world_over_nccl_runs_a_meta_step(tiny_llama, tmp_path):
     finally:
         dist.destroy_process_group()
     torch.testing.assert_close(distributed, local, rtol=0, atol=0)
+
+
+def test_key_statistics_on_cuda_match_cpu(tiny_llama):
+    """The sums live on the model's device (a GPU run found them on the host, beside CUDA keys)."""
+    from horse_dist.keystats.accumulate import accumulate_texts
+    from horse_dist.lm.load import load_frozen_lm
+    from horse_dist.lm.registry import resolve_edit_modules
+
+    texts = ["The capital of France is Paris.", "Watts Humphrey attended Trinity College.", "a b c"]
+    results = []
+    for device in ("cpu", "cuda"):
+        model, tokenizer = load_frozen_lm(str(tiny_llama), device=device)
+        names = resolve_edit_modules(model, None, 2)
+        results.append(accumulate_texts(model, tokenizer, names, texts, max_length=32, batch_size=2))
+    for name, on_cpu in results[0].items():
+        on_gpu = results[1][name]
+        assert on_gpu.count == on_cpu.count > 0 and on_gpu.second_moment.device.type == "cpu"
+        torch.testing.assert_close(on_gpu.second_moment, on_cpu.second_moment, rtol=1e-4, atol=1e-6)

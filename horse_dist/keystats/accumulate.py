@@ -55,10 +55,12 @@ def accum_dtype(name: str) -> torch.dtype:
 def empty_stats(model: nn.Module, module_names: Sequence[str], dtype: torch.dtype) -> dict[str, KeyStats]:
     from horse_dist.lm.registry import module_shape
 
+    device = next(model.parameters()).device  # sums live beside the keys (a GPU sums on the GPU)
     stats = {}
     for name in module_names:
         d_in, _ = module_shape(model.get_submodule(name))
-        stats[name] = KeyStats(torch.zeros(d_in, d_in, dtype=dtype), torch.zeros(d_in, dtype=dtype), 0)
+        zeros_II = torch.zeros(d_in, d_in, dtype=dtype, device=device)
+        stats[name] = KeyStats(zeros_II, torch.zeros(d_in, dtype=dtype, device=device), 0)
     return stats
 
 
