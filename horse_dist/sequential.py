@@ -268,26 +268,23 @@ def run_stream(
 
 # ---- output -----------------------------------------------------------------------------------------------
 def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
-    """Per layer ‖W‖_F / ‖W₀‖_F and cond(W) / cond(W₀) against edits made (one line per run and layer),
+    """Per layer ‖W‖_F / ‖W₀‖_F and cond(W) / cond(W₀) (log scale) against edits made (a line per run and layer),
     and the retention / stream ES curves; several runs share the axes, so methods can be compared."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (norm_axis, cond_axis, es_axis) = plt.subplots(1, 3, figsize=(15, 4))
+    figure, (norm_axis, cond_axis, es_axis) = plt.subplots(1, 3, figsize=(15, 4.5))
     for run_index, summary in enumerate(summaries):
         curves, label = summary["curves"], f"{summary['method']} b={summary['batch_size']}"
         edits = curves["edits"]
-        for layer_index, (name, values) in enumerate(curves["weights"].items()):
+        for layer_index, values in enumerate(curves["weights"].values()):
+            # One legend entry per run: the run's layers share its colour, deeper layers darker.
             style = dict(color=f"C{run_index}", alpha=0.4 + 0.6 * (layer_index + 1) / len(curves["weights"]))
-            layer = name.split(".")[-3] if name.count(".") >= 2 else name
-            norm_axis.plot(
-                edits, [v / values["norm"][0] for v in values["norm"]], **style, label=f"{label} {layer}"
-            )
-            cond_axis.plot(
-                edits, [v / values["cond"][0] for v in values["cond"]], **style, label=f"{label} {layer}"
-            )
+            named = {"label": label} if layer_index == 0 else {}
+            norm_axis.plot(edits, [v / values["norm"][0] for v in values["norm"]], **style, **named)
+            cond_axis.plot(edits, [v / values["cond"][0] for v in values["cond"]], **style, **named)
         es_axis.plot(
             edits[1:], curves["retention_ES"][1:], "-o", color=f"C{run_index}", label=f"{label} retention"
         )
@@ -299,8 +296,10 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
     es_axis.set(
         xlabel="edits made", ylabel="edit success", ylim=(-0.02, 1.02), title="retention (first edits)"
     )
+    for axis in (norm_axis, cond_axis):
+        axis.set_yscale("log")  # drift spans orders of magnitude; an orthogonal update stays on 1
     for axis in (norm_axis, cond_axis, es_axis):
-        axis.legend(fontsize=6)
+        axis.legend(fontsize=7)
     figure.tight_layout()
     return figure
 
