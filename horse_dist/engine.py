@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from horse_dist.config import RunConfig
-from horse_dist.data import TokenBatch, TokenizedRecords, micro_batches
+from horse_dist.data import TokenBatch, TokenizedRecords, micro_batch_plan, micro_batches
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
 from horse_dist.lm.hooks import EditHooks
@@ -75,7 +75,9 @@ class EditEngine:
         views = [[examples[i] for i in indices] for examples in (pool.edit, pool.equiv, pool.unrel)]
         counts = [0, 0, 0]
         if self.lockstep:
-            counts = self._max_batch_counts([len(self.micro_batches(v)) for v in views])
+            data = self.cfg.data
+            local = [len(micro_batch_plan(v, self.micro_batch_rows, data.max_batch_tokens)) for v in views]
+            counts = self._max_batch_counts(local)
         edit, equiv, unrel = (self.micro_batches(v, n) for v, n in zip(views, counts))
         return EditBatches(edit, equiv, unrel, len(indices))
 

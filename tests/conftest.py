@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,3 +15,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved to disk (seed 0), one per test module."""
+    from horse_dist.tiny.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=0)

@@ -161,13 +161,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from horse_dist.tiny.models import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama")
-
-
 def tiny_config(model_dir: Path, out_dir: Path, name: str, *extra: str):
     return load_config(
         None,

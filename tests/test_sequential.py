@@ -16,7 +16,7 @@ from horse_dist.data import EditRecord
 from horse_dist.edit import apply_edits
 from horse_dist.lm.export import apply_shifts_
 from horse_dist.lm.passes import PassResult
-from horse_dist.tiny.models import build_tiny_model, save_tiny_model
+from horse_dist.tiny.models import build_tiny_model
 from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
 from horse_dist.tracking import NullTracker
 from horse_dist.weight_stats import norm_and_condition
@@ -26,11 +26,6 @@ DOWN = ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"]
 
 
 # ---- fixtures ---------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=0)
-
-
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "zsre32.json"

@@ -13,14 +13,8 @@ from horse_dist.checkpoint import load_checkpoint
 from horse_dist.config import config_from_yaml
 from horse_dist.data import tokenize_example
 from horse_dist.lm.passes import answer_logits
-from horse_dist.tiny.models import save_tiny_model
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -41,16 +41,17 @@ def collate(examples: list[TokenizedExample], example_ids: list[int], pad_id: in
     return TokenBatch(input_ids, attention_mask, labels, torch.tensor(example_ids, dtype=torch.long))
 
 
-def micro_batches(
-    examples: list[TokenizedExample], batch_size: int, pad_id: int, max_tokens: int = 0, min_batches: int = 0
-) -> list[TokenBatch]:
-    """Longest first (stable sort), so rows of similar length share a batch; example id = position in `examples`.
+def micro_batch_plan(
+    examples: list[TokenizedExample], batch_size: int, max_tokens: int = 0, min_batches: int = 0
+) -> list[list[int]]:
+    """Which examples go in which micro-batch (indices into `examples`), without building any tensor.
 
-    A batch holds at most `batch_size` rows and, if `max_tokens` > 0, at most `max_tokens` padded tokens
-    (rows × longest row; a single longer row still gets its own batch). On CPU a pass costs about its padded
-    token count, so the token budget keeps long outliers from inflating a whole batch of short rows.
-    `min_batches` splits the largest batches until there are at least that many (ZeRO-3 workers must run
-    the same number of passes: each pass all-gathers the weights from every worker).
+    Longest first (stable sort), so rows of similar length share a batch. A batch holds at most `batch_size`
+    rows and, if `max_tokens` > 0, at most `max_tokens` padded tokens (rows × longest row; a single longer row
+    still gets its own batch). On CPU a pass costs about its padded token count, so the token budget keeps
+    long outliers from inflating a whole batch of short rows. `min_batches` splits the largest batches until
+    there are at least that many (ZeRO-3 workers must run the same number of passes: each pass all-gathers
+    the weights from every worker).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -73,7 +74,15 @@ def micro_batches(
         largest = max(range(len(chunks)), key=lambda c: len(chunks[c]))
         chunk = chunks.pop(largest)
         chunks[largest:largest] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
-    return [collate([examples[i] for i in chunk], chunk, pad_id) for chunk in chunks]
+    return chunks
+
+
+def micro_batches(
+    examples: list[TokenizedExample], batch_size: int, pad_id: int, max_tokens: int = 0, min_batches: int = 0
+) -> list[TokenBatch]:
+    """The padded batches of `micro_batch_plan`; example id = position in `examples`."""
+    plan = micro_batch_plan(examples, batch_size, max_tokens, min_batches)
+    return [collate([examples[i] for i in chunk], chunk, pad_id) for chunk in plan]
 
 
 def train_eval_split(n_records: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
