@@ -84,9 +84,23 @@ def build_engine(cfg: RunConfig, world: LocalWorld | None = None) -> tuple[EditE
         model, tokenizer = ds_lm.model, ds_lm.tokenizer
     else:
         model, tokenizer = load_frozen_lm(cfg.model.source, dtype=cfg.model.dtype, device=str(device))
-    names = resolve_edit_modules(model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    torch.manual_seed(cfg.train.seed)  # the hypernetwork's init
-    engine = EditEngine(cfg, model, pad_id, names, world or LocalWorld(), device)
+    engine = engine_for(cfg, model, tokenizer, world or LocalWorld(), device)
     engine.deepspeed = ds_lm  # keeps the DeepSpeed engine (owner of the ZeRO partitions) alive
     return engine, tokenizer
+
+
+def engine_for(
+    cfg: RunConfig,
+    model: torch.nn.Module,
+    tokenizer,
+    world: LocalWorld,
+    device: torch.device,
+    module_names: list[str] | None = None,
+) -> EditEngine:
+    """An engine around an already loaded LM (edit modules from the config unless given)."""
+    names = module_names or resolve_edit_modules(
+        model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers
+    )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    torch.manual_seed(cfg.train.seed)  # the hypernetwork's init
+    return EditEngine(cfg, model, pad_id, names, world, device)

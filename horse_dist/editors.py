@@ -10,15 +10,14 @@ import logging
 import time
 from typing import Any, Protocol
 
-import torch
 from torch import nn
 
+from horse_dist.build import engine_for
 from horse_dist.config import ConfigError, RunConfig
 from horse_dist.data import EditRecord, tokenize_examples
 from horse_dist.dist.world import LocalWorld
 from horse_dist.engine import EditBatches, EditEngine
 from horse_dist.lm.export import apply_shifts_
-from horse_dist.lm.registry import resolve_edit_modules
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +64,9 @@ def hypernet_editor(
     cfg: RunConfig, model: nn.Module, tokenizer: Any, state: dict[str, Any]
 ) -> HyperNetEditor:
     """Wrap `model` (already loaded from the checkpoint's model config) with the checkpoint's hypernetwork."""
-    names = list(state.get("edit_modules") or []) or resolve_edit_modules(
-        model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers
-    )
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    torch.manual_seed(cfg.train.seed)  # the bank's init, overwritten by the checkpoint below
-    engine = EditEngine(cfg, model, pad_id, names, LocalWorld(), device)
+    names = list(state.get("edit_modules") or []) or None
+    engine = engine_for(cfg, model, tokenizer, LocalWorld(), device, names)
     engine.bank.load_state_dict(state["hypernet"])
     engine.bank.eval()
     return HyperNetEditor(engine, tokenizer, cfg.method.name)
