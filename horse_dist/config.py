@@ -46,6 +46,10 @@ class DataConfig:
         0  # rows per micro-batch of the LM passes; 0: batch_size. Results do not depend on it
     )
     max_batch_tokens: int = 640  # and at most this many padded tokens per micro-batch (0: no limit)
+    # packed: several sequences per row (little padding); padded: one per row; auto: packed on a CPU for the
+    # architectures where it is tested exact (lm/fast_forward.py PACKABLE). Results equal up to float rounding
+    packing: str = "auto"
+    pack_row_tokens: int = 64  # packed row length (the longest sequence, if longer)
     max_train_records: int = 0  # 0: all
 
 
@@ -82,6 +86,9 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""  # empty: <method>-<model>-<timestamp>
     resume: bool = False
+    # hidden states entering the lowest edited block, kept per training prompt: from a record's second visit
+    # on, its passes skip the frozen blocks below (lm/block_cache.py). Host memory budget; 0: off
+    block_cache_gb: float = 2.0
 
 
 @dataclass
@@ -199,6 +206,7 @@ class RunConfig:
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "data.target": ("new", "true"),
+    "data.packing": ("auto", "packed", "padded"),
     "data.format": ("auto", "zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat"),
     "method.spread": ("orthogonal", "reference", "none"),
     "method.locality": ("ce", "kl"),
@@ -323,6 +331,7 @@ def validate(cfg: RunConfig) -> None:
     positive = {
         "data.n_edits": cfg.data.n_edits,
         "data.batch_size": cfg.data.batch_size,
+        "data.pack_row_tokens": cfg.data.pack_row_tokens,
         "method.rank": cfg.method.rank,
         "method.chunk_rows": cfg.method.chunk_rows,
         "train.eval_n_edits": cfg.train.eval_n_edits,
@@ -336,6 +345,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"data.micro_batch_size must be >= 0 (0: data.batch_size), got {cfg.data.micro_batch_size}"
         )
+    if cfg.train.block_cache_gb < 0:
+        raise ConfigError(f"train.block_cache_gb must be >= 0 (0: off), got {cfg.train.block_cache_gb}")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
 

@@ -13,17 +13,57 @@ from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 @dataclass
 class TokenBatch:
+    """Right-padded rows of token ids. A row holds one sequence, or several back to back when packed
+    (`segment_ids` set): then each token attends only to earlier tokens of its own sequence, and positions
+    restart at 0 for every sequence."""
+
     input_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
-    attention_mask: torch.Tensor  # (B, T) long
+    attention_mask: torch.Tensor  # (B, T) long: 1 at real tokens
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX at prompt and pad positions
-    example_ids: torch.Tensor  # (B,) long: each row's edit index within the meta-batch
+    example_ids: torch.Tensor  # (B,) long each row's edit index; packed: (B, T) each token's
+    segment_ids: torch.Tensor | None = None  # packed only: (B, T) sequence number within the row, -1 at pads
+    position_ids: torch.Tensor | None = None  # packed only: (B, T) position within the token's sequence
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        return TokenBatch(*(tensor.to(device) for tensor in vars(self).values()))
+        return TokenBatch(*(None if t is None else t.to(device) for t in vars(self).values()))
+
+    @property
+    def packed(self) -> bool:
+        return self.segment_ids is not None
 
     @property
     def num_answer_tokens(self) -> int:
         return int((self.labels != IGNORE_INDEX).sum())
+
+    def answer_positions(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mask_BT of the answer positions, their labels (P,) and each one's edit index (P,)."""
+        mask_BT = self.labels != IGNORE_INDEX
+        ids_BT = self.example_ids if self.packed else self.example_ids.unsqueeze(1).expand_as(mask_BT)
+        return mask_BT, self.labels[mask_BT], ids_BT[mask_BT]
+
+    def sequence_spans(self) -> list[tuple[int, int, int, int]]:
+        """(row, start, end, edit index) of every sequence, in row order."""
+        if not self.packed:
+            lengths = self.attention_mask.sum(1).tolist()
+            return [
+                (r, 0, int(n), int(e)) for r, (n, e) in enumerate(zip(lengths, self.example_ids.tolist()))
+            ]
+        spans = []
+        for r, segments in enumerate(self.segment_ids.tolist()):
+            start = 0
+            for t in range(1, len(segments) + 1):
+                if t == len(segments) or segments[t] != segments[start]:
+                    if segments[start] >= 0:
+                        spans.append((r, start, t, int(self.example_ids[r, start])))
+                    start = t
+        return spans
+
+    def sequence_shapes(self) -> list[tuple[int, int]]:
+        """(length, answer tokens) of every sequence, in row order."""
+        answers_BT = (self.labels != IGNORE_INDEX).cpu()
+        return [
+            (end - start, int(answers_BT[r, start:end].sum())) for r, start, end, _ in self.sequence_spans()
+        ]
 
 
 def collate(examples: list[TokenizedExample], example_ids: list[int], pad_id: int) -> TokenBatch:

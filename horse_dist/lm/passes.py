@@ -8,7 +8,9 @@ Logits are computed at the answer positions only (the LM head is a large share o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -22,19 +24,46 @@ from horse_dist.editor.losses import (
 )
 from horse_dist.lm.hooks import EditHooks
 
+Logits = Callable[[TokenBatch], torch.Tensor]  # batch -> answer logits (P, V)
 
-def answer_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """Logits (P, V) in float32 at the positions whose label is an answer token."""
-    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    hidden_BTH = out[0]
+
+def packed_attention_mask(segment_ids_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive mask: a token sees earlier tokens of its own sequence only. Pad rows see
+    nothing but themselves (a finite minimum, not -inf, so their softmax stays finite)."""
+    T = segment_ids_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
+    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    allowed_BTT = same_BTT & causal_TT
+    mask = torch.zeros(allowed_BTT.shape, dtype=dtype, device=segment_ids_BT.device)
+    return mask.masked_fill_(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
+    """Keyword arguments of the HF base model for `batch` (packed rows: 4-D mask + per-sequence positions)."""
+    # use_cache=False: some families (GPT-J) otherwise build a KV cache on every forward.
+    if not batch.packed:
+        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    dtype = model.get_input_embeddings().weight.dtype
+    return {
+        "input_ids": batch.input_ids,
+        "attention_mask": packed_attention_mask(batch.segment_ids, dtype),
+        "position_ids": batch.position_ids,
+        "use_cache": False,
+    }
+
+
+def answer_logits(
+    model: nn.Module, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Logits (P, V) in float32 at the positions whose label is an answer token. `inputs_embeds` (B, T, H)
+    replaces the token embeddings (lm.block_cache feeds stored hidden states to the upper blocks)."""
+    inputs = model_inputs(model, batch)
+    if inputs_embeds is not None:
+        del inputs["input_ids"]
+        inputs["inputs_embeds"] = inputs_embeds
+    hidden_BTH = model.base_model(**inputs)[0]
     mask_BT = batch.labels != -100
     return model.get_output_embeddings()(hidden_BTH[mask_BT]).float()
-
-
-def _positions(batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    mask_BT = batch.labels != -100
-    example_ids_P = batch.example_ids.unsqueeze(1).expand_as(mask_BT)[mask_BT]
-    return mask_BT, batch.labels[mask_BT], example_ids_P
 
 
 def _per_edit_zeros(batches: list[TokenBatch], n_examples: int) -> torch.Tensor:
@@ -53,15 +82,22 @@ class CacheResult:
 
 
 def cache_pass(
-    model: nn.Module, hooks: EditHooks, batches: list[TokenBatch], n_examples: int, loss_scale: float
+    model: nn.Module,
+    hooks: EditHooks,
+    batches: list[TokenBatch],
+    n_examples: int,
+    loss_scale: float,
+    logits_fn: Logits | None = None,
 ) -> CacheResult:
-    """Forward+backward of the unedited LM on the edit prompts, recording K and G at the answer positions."""
+    """Forward+backward of the unedited LM on the edit prompts, recording K and G at the answer positions.
+    `logits_fn` (default: answer_logits of `model`) computes a batch's answer logits."""
+    logits_fn = logits_fn or partial(answer_logits, model)
     hooks.reset_records()
     example_rows, losses = [], _per_edit_zeros(batches, n_examples)
     for batch in batches:
-        mask_BT, labels_P, example_ids_P = _positions(batch)
+        mask_BT, labels_P, example_ids_P = batch.answer_positions()
         with hooks.recording(mask_BT):
-            logits_PV = answer_logits(model, batch)
+            logits_PV = logits_fn(batch)
         loss_E = per_example_ce(logits_PV, labels_P, example_ids_P, n_examples)
         (loss_E.sum() / loss_scale).backward()
         losses += loss_E.detach()
@@ -86,16 +122,18 @@ def loss_pass(
     n_examples: int,
     objective: str,
     weight: float,
+    logits_fn: Logits | None = None,
 ) -> PassResult:
     """Forward+backward of `weight` × Σ_edits loss with the shifts applied; S_l.grad accumulates g_S."""
+    logits_fn = logits_fn or partial(answer_logits, model)
     losses, accuracy = _per_edit_zeros(batches, n_examples), _per_edit_zeros(batches, n_examples)
     for batch in batches:
-        _, labels_P, example_ids_P = _positions(batch)
+        _, labels_P, example_ids_P = batch.answer_positions()
         if objective == "kl":
             with torch.no_grad():
-                ref_logprobs_PV = torch.log_softmax(answer_logits(model, batch), dim=-1)
+                ref_logprobs_PV = torch.log_softmax(logits_fn(batch), dim=-1)
         with hooks.shifted(shifts):
-            logits_PV = answer_logits(model, batch)
+            logits_PV = logits_fn(batch)
         if objective == "ce":
             loss_E = per_example_ce(logits_PV, labels_P, example_ids_P, n_examples)
         elif objective == "kl":
@@ -122,7 +160,7 @@ def score_pass(
     agreement = _per_edit_zeros(batches, n_examples) if reference_predictions is not None else None
     predictions = []
     for i, batch in enumerate(batches):
-        _, labels_P, example_ids_P = _positions(batch)
+        _, labels_P, example_ids_P = batch.answer_positions()
         if shifts is None:
             logits_PV = answer_logits(model, batch)
         else:

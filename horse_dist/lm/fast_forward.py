@@ -1,0 +1,78 @@
+"""Shortcuts through the frozen LM that are exact, enabled only for the architectures where tests show so.
+
+- Packed rows (`data.packing`): several sequences per row with a block-diagonal causal 4-D mask and
+  per-sequence positions. Families that derive anything else from a 2-D mask (ALiBi in BLOOM/Falcon) or
+  treat a 4-D mask differently per layer are left out.
+- Resuming at a block: the blocks below the lowest edited one are frozen and unshifted, so the hidden
+  states entering it are a fixed function of the prompt; a pass that has them runs only the blocks above,
+  fed as `inputs_embeds`. Valid where the embeddings enter block 0 unchanged (no scaling, no added
+  position embeddings: GPT-2 and Gemma are out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from horse_dist.config import ConfigError
+from horse_dist.lm.registry import ARCHITECTURES
+
+# HF model_type values checked in tests/test_fast_forward.py (packed logits = one-sequence-per-row logits).
+PACKABLE = frozenset({"llama", "mistral", "qwen2", "qwen3", "gptj", "gpt2"})
+# ... and resuming at a block = the full pass.
+RESUMABLE = frozenset({"llama", "mistral", "gptj"})
+
+
+def model_type(model: nn.Module) -> str | None:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def use_packing(setting: str, model: nn.Module, device: torch.device) -> bool:
+    """`data.packing`: auto packs on a CPU (where a pass costs its padded tokens) for PACKABLE models."""
+    supported = model_type(model) in PACKABLE
+    if setting == "packed":
+        if not supported:
+            raise ConfigError(
+                f"data.packing=packed: not supported for model_type {model_type(model)!r} "
+                f"(tested: {sorted(PACKABLE)}); use data.packing=padded or auto"
+            )
+        return True
+    return setting == "auto" and supported and device.type == "cpu"
+
+
+def _blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    parent_name, _, attr = ARCHITECTURES[model_type(model)].layers_path.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    return parent, attr, getattr(parent, attr)
+
+
+@contextmanager
+def capturing_block_input(model: nn.Module, block: int) -> Iterator[list[torch.Tensor]]:
+    """Collect (detached) the hidden states (B, T, H) entering decoder block `block` in each forward."""
+    captured: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        captured.append(hidden.detach())
+
+    handle = _blocks(model)[2][block].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+@contextmanager
+def blocks_from(model: nn.Module, block: int) -> Iterator[None]:
+    """Within the block the model runs decoder blocks `block`.. only; `inputs_embeds` are what enters it."""
+    if model_type(model) not in RESUMABLE:
+        raise ValueError(f"resuming at a block is not supported for model_type {model_type(model)!r}")
+    parent, attr, blocks = _blocks(model)
+    setattr(parent, attr, nn.ModuleList(list(blocks)[block:]))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, blocks)
