@@ -14,11 +14,14 @@ from torch import nn
 
 from horse_dist.config import RunConfig
 from horse_dist.data import TokenBatch, TokenizedRecords, micro_batch_plan, micro_batches
+from horse_dist.data.packing import packed_micro_batches, packed_plan
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
+from horse_dist.lm.block_cache import BlockInputCache
+from horse_dist.lm.fast_forward import RESUMABLE, model_type, use_packing
 from horse_dist.lm.hooks import EditHooks
-from horse_dist.lm.passes import CacheResult, cache_pass, loss_pass, score_pass
-from horse_dist.lm.registry import module_shape
+from horse_dist.lm.passes import CacheResult, Logits, cache_pass, loss_pass, score_pass
+from horse_dist.lm.registry import layer_index, module_shape
 from horse_dist.pipeline import (
     HyperNetBank,
     PhaseTimer,
@@ -40,6 +43,9 @@ class EditBatches:
     equiv: list[TokenBatch]
     unrel: list[TokenBatch]
     n_edits: int
+    records: list[tuple[int, int]] | None = (
+        None  # (pool id, index in the pool) of each edit: block-cache keys
+    )
 
 
 class EditEngine:
@@ -62,24 +68,39 @@ class EditEngine:
         # Losses are sums of per-edit means times 1/loss_scale, so the grouping into micro-batches only
         # changes speed and memory (large ones fill a GPU), never the result.
         self.micro_batch_rows = cfg.data.micro_batch_size or cfg.data.batch_size
+        self.packing = use_packing(cfg.data.packing, model, device)
+        self.block_cache: BlockInputCache | None = None
+        if cfg.train.block_cache_gb > 0 and model_type(model) in RESUMABLE:
+            lowest = min(layer_index(name) for name in self.module_names)
+            self.block_cache = BlockInputCache(lowest, int(cfg.train.block_cache_gb * 2**30))
 
     # ---- data -------------------------------------------------------------------------------------------
     def micro_batches(self, examples: list, min_batches: int = 0) -> list[TokenBatch]:
-        data = self.cfg.data
-        batches = micro_batches(
-            examples, self.micro_batch_rows, self.pad_id, data.max_batch_tokens, min_batches
-        )
+        data, rows = self.cfg.data, self.micro_batch_rows
+        if self.packing:
+            batches = packed_micro_batches(
+                examples, rows, self.pad_id, data.max_batch_tokens, min_batches, data.pack_row_tokens
+            )
+        else:
+            batches = micro_batches(examples, rows, self.pad_id, data.max_batch_tokens, min_batches)
         return [b.to(self.device) for b in batches]
 
     def batches_for(self, pool: TokenizedRecords, indices: list[int]) -> EditBatches:
         views = [[examples[i] for i in indices] for examples in (pool.edit, pool.equiv, pool.unrel)]
         counts = [0, 0, 0]
         if self.lockstep:
-            data = self.cfg.data
-            local = [len(micro_batch_plan(v, self.micro_batch_rows, data.max_batch_tokens)) for v in views]
+            local = [len(self._plan(v)) for v in views]
             counts = self._max_batch_counts(local)
         edit, equiv, unrel = (self.micro_batches(v, n) for v, n in zip(views, counts))
-        return EditBatches(edit, equiv, unrel, len(indices))
+        return EditBatches(edit, equiv, unrel, len(indices), [(id(pool), i) for i in indices])
+
+    def _plan(self, examples: list) -> list:
+        data = self.cfg.data
+        if self.packing:
+            return packed_plan(
+                examples, self.micro_batch_rows, data.max_batch_tokens, 0, data.pack_row_tokens
+            )
+        return micro_batch_plan(examples, self.micro_batch_rows, data.max_batch_tokens)
 
     @property
     def lockstep(self) -> bool:
@@ -93,12 +114,27 @@ class EditEngine:
         return [int(v) for v in self.world.all_reduce_sum(table).max(dim=0).values]
 
     # ---- editing ----------------------------------------------------------------------------------------
-    def cache(self, batches: EditBatches) -> CacheResult:
-        cache = cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale)
+    def cache(self, batches: EditBatches, logits_fn: Logits | None = None) -> CacheResult:
+        cache = cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale, logits_fn)
         return spill_over_budget(cache, self.cfg.dist.cache_budget_gb)  # unchanged within the budget
 
+    def training_logits(self, batches: EditBatches) -> dict[str, Logits | None]:
+        """Per prompt kind, the logits function of the training passes: through the block-input cache where
+        there is one (not under ZeRO-3: its partitioned blocks are fetched in traced module order)."""
+        usable = self.block_cache is not None and batches.records is not None
+        if self.deepspeed is not None and self.deepspeed.zero_stage == 3:
+            usable = False
+        kinds = ("edit", "equiv", "unrel")
+        if not usable:
+            return dict.fromkeys(kinds)
+        return {kind: self.block_cache.logits_fn(self.model, kind, batches.records) for kind in kinds}
+
     def predict(
-        self, cache: CacheResult, learn_statistics: bool, timer: PhaseTimer | None = None
+        self,
+        cache: CacheResult,
+        learn_statistics: bool,
+        timer: PhaseTimer | None = None,
+        keep_graph: bool = False,
     ) -> Prediction:
         """Shifts S_l for the cached edits. Training merges the step's moments into the normalisers first;
         evaluation and editing use the trained statistics (and fall back to the batch's own if there are none)."""
@@ -109,7 +145,14 @@ class EditEngine:
                 set_step_units_from_keys(self.bank, cache.keys, self.world)
             update_normalizers(self.bank, cache.keys, cache.grads, self.world)
         return predict_shifts(
-            self.bank, cache.keys, cache.grads, self.cfg.method, self.world, self.module_names, timer
+            self.bank,
+            cache.keys,
+            cache.grads,
+            self.cfg.method,
+            self.world,
+            self.module_names,
+            timer,
+            keep_graph,
         )
 
     # ---- training ---------------------------------------------------------------------------------------
@@ -129,13 +172,21 @@ class EditEngine:
         """One meta-step on this worker's slice; returns metrics summed over this worker's edits."""
         method, timer = self.cfg.method, PhaseTimer()
         optimizer.zero_grad(set_to_none=False)
+        logits_fns = self.training_logits(batches)
         with timer("cache"):
-            cache = self.cache(batches)
-        prediction = self.predict(cache, learn_statistics=True, timer=timer)
+            cache = self.cache(batches, logits_fns["edit"])
+        prediction = self.predict(cache, learn_statistics=True, timer=timer, keep_graph=True)
         shifts = [s.detach().clone().requires_grad_(True) for s in prediction.shifts]
         with timer("generalisation"):
             gen = loss_pass(
-                self.model, self.hooks, batches.equiv, shifts, batches.n_edits, "ce", 1.0 / self.loss_scale
+                self.model,
+                self.hooks,
+                batches.equiv,
+                shifts,
+                batches.n_edits,
+                "ce",
+                1.0 / self.loss_scale,
+                logits_fns["equiv"],
             )
         with timer("locality"):
             loc = loss_pass(
@@ -146,6 +197,7 @@ class EditEngine:
                 batches.n_edits,
                 method.locality,
                 method.loc_coef / self.loss_scale,
+                logits_fns["unrel"],
             )
         grad_shifts = [s.grad if s.grad is not None else torch.zeros_like(s) for s in shifts]
         meta_backward(self.bank, cache.keys, cache.grads, prediction, grad_shifts, method, self.world, timer)

@@ -94,11 +94,13 @@ def _add(total: PhaseFlops, phase: str, dtype: str, flops: float) -> None:
     parts[dtype] = parts.get(dtype, 0.0) + float(flops)
 
 
-def lm_forward_flops(shape: LMShape, batches: list[BatchShape]) -> float:
-    """All layers on every padded token + the head at the answer positions."""
+def lm_forward_flops(shape: LMShape, batches: list[BatchShape], first_block: int = 0) -> float:
+    """Blocks `first_block`.. (a pass resumed from cached block inputs skips the rest) on every padded
+    token + the head at the answer positions."""
     total = 0.0
     for b in batches:
-        per_token = shape.n_layers * (2 * shape.layer_matmul_params() + 4 * b.length * shape.query_width)
+        blocks = shape.n_layers - first_block
+        per_token = blocks * (2 * shape.layer_matmul_params() + 4 * b.length * shape.query_width)
         total += b.padded_tokens * per_token + b.answers * 2 * shape.hidden * shape.vocab
     return total
 
@@ -132,14 +134,17 @@ def hypernet_forward_flops(n_rows: int, d_in: int, d_out: int, rank: int, n_bloc
     return n_blocks * 4 * n_rows * size * rank + 2 * n_rows * d_in + n_rows * d_out
 
 
-def hypernet_backward_flops(n_rows: int, d_in: int, d_out: int, rank: int, n_blocks: int) -> float:
-    """The chunked VJP recomputes the forward, then per block dB, dz, dA (6·N·F·R) and dy (2·N·F·R) for
-    every block but the first (its input, the normalised cache, needs no gradient); residual backward
-    ∂c = ⟨g, G̃⟩ (2·N·O), ∂G̃ = c g (N·O), ∂K̃ = −η ∂c K (2·N·I)."""
+def hypernet_backward_flops(
+    n_rows: int, d_in: int, d_out: int, rank: int, n_blocks: int, recompute: bool = True
+) -> float:
+    """Per block dB, dz, dA (6·N·F·R) and dy (2·N·F·R) for every block but the first (its input, the
+    normalised cache, needs no gradient); residual backward ∂c = ⟨g, G̃⟩ (2·N·O), ∂G̃ = c g (N·O),
+    ∂K̃ = −η ∂c K (2·N·I); plus, when the rows exceed one chunk, the chunked VJP's second forward."""
     size = d_in + d_out
     blocks = n_blocks * 6 * n_rows * size * rank + max(n_blocks - 1, 0) * 2 * n_rows * size * rank
     residual = 3 * n_rows * d_out + 2 * n_rows * d_in
-    return hypernet_forward_flops(n_rows, d_in, d_out, rank, n_blocks) + blocks + residual
+    forward = hypernet_forward_flops(n_rows, d_in, d_out, rank, n_blocks) if recompute else 0.0
+    return forward + blocks + residual
 
 
 def spread_forward_flops(n_rows: int, d_out: int, n_layers: int, mode: str) -> float:
@@ -215,6 +220,7 @@ class EditorShape:
     spread: str
     learn_lambda: bool
     n_trainable: int  # hypernetwork parameters updated by Adam
+    chunk_rows: int = 1024  # a meta-step with at most this many key rows keeps the forward's graph
 
 
 def _editor_forward(
@@ -244,23 +250,33 @@ def meta_step_flops(
     model_dtype: str,
     solve_dtype: str,
     locality: str = "ce",
+    block_cache: str = "off",
 ) -> PhaseFlops:
-    """FLOPs of one single-process meta-step (engine.meta_step), per phase and dtype."""
+    """FLOPs of one single-process meta-step (engine.meta_step), per phase and dtype. `block_cache`: off;
+    first_visit (the prompts' lower blocks run once: KL's shifted pass resumes from its reference pass);
+    revisit (every pass resumes at the lowest edited block)."""
+    if block_cache not in ("off", "first_visit", "revisit"):
+        raise ValueError(f"block_cache must be off, first_visit or revisit, got {block_cache!r}")
     total: PhaseFlops = {phase: {} for phase in PHASES}
     lowest = min(editor.edited_layers)
+    first = lowest if block_cache == "revisit" else 0
     n_rows = sum(b.answers for b in edit)  # one key row per answer position of the edit prompts
-    _add(total, "cache", model_dtype, lm_forward_flops(shape, edit) + lm_backward_flops(shape, edit, lowest))
+    cache_lm = lm_forward_flops(shape, edit, first) + lm_backward_flops(shape, edit, lowest)
+    _add(total, "cache", model_dtype, cache_lm)
     _editor_forward(total, editor, n_rows, forms, solve_dtype)
     for phase, batches in (("generalisation", equiv), ("locality", unrel)):
-        passes = 2 if phase == "locality" and locality == "kl" else 1
-        lm = passes * lm_forward_flops(shape, batches) + lm_backward_flops(shape, batches, lowest)
+        lm = lm_forward_flops(shape, batches, first) + lm_backward_flops(shape, batches, lowest)
+        if phase == "locality" and locality == "kl":  # after the reference pass, the shifted one
+            shifted_first = lowest if block_cache != "off" else 0
+            lm += lm_forward_flops(shape, batches, shifted_first)
         _add(total, phase, model_dtype, lm)
         _add(total, phase, "float32", shift_hook_flops(editor.edited_shapes, editor.edited_layers, batches))
     for (d_in, d_out), form in zip(editor.edited_shapes, forms):
         grad = meta_gradient_flops_by_dtype(n_rows, d_in, d_out, form, editor.learn_lambda, solve_dtype)
         for dtype, flops in grad.items():
             _add(total, "meta_gradient", dtype, flops)
-        backward = hypernet_backward_flops(n_rows, d_in, d_out, editor.rank, editor.n_blocks)
+        recompute = n_rows > editor.chunk_rows
+        backward = hypernet_backward_flops(n_rows, d_in, d_out, editor.rank, editor.n_blocks, recompute)
         _add(total, "hypernet_backward", "float32", backward)
     d_out = editor.edited_shapes[0][1]
     n_layers = len(editor.edited_shapes)

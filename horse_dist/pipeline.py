@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 
 import torch
@@ -134,6 +134,9 @@ class Prediction:
     ridges: list[PrimalRidge | DualRidge | None]  # factor of A_l on its owner (None elsewhere)
     spread_state: SpreadState
     forms: list[str]  # per layer: primal | dual
+    # per layer the hypernetwork's output D_l with its graph, kept when asked and N <= chunk_rows (then the
+    # backward needs no second forward); None: hypernet_vjp recomputes it chunk by chunk
+    delta_graphs: list[torch.Tensor | None] = field(default_factory=list)
 
 
 def _solve_form(method: MethodConfig, n_rows: int, d_in: int, world: LocalWorld) -> str:
@@ -156,13 +159,22 @@ def predict_shifts(
     world: LocalWorld,
     names: list[str],
     timer: PhaseTimer | None = None,
+    keep_graph: bool = False,
 ) -> Prediction:
     timer = timer or PhaseTimer()
     solve_dtype = torch.float64 if method.solve_dtype == "float64" else torch.float32
     with timer("hypernet_forward"):
-        deltas = []
+        deltas: list[torch.Tensor] = []
+        graphs: list[torch.Tensor | None] = []
         for layer, (keys_NI, grads_NO) in enumerate(zip(keys, grads)):
             net, index = bank.net(layer)
+            if keep_graph and 0 < keys_NI.shape[0] <= method.chunk_rows:
+                with torch.enable_grad():
+                    delta = residual(keys_NI, *net(keys_NI, grads_NO, index), net.step_size(index))
+                graphs.append(delta)
+                deltas.append(delta.detach())
+                continue
+            graphs.append(None)
             chunks = []
             for start in range(0, keys_NI.shape[0], method.chunk_rows):
                 k, g = keys_NI[start : start + method.chunk_rows], grads_NO[start : start + method.chunk_rows]
@@ -193,7 +205,7 @@ def predict_shifts(
                 ridge, shift_IO = None, rhs_IO.new_empty(rhs_IO.shape)
             shifts.append(world.broadcast(shift_IO.contiguous(), owner))
             ridges.append(ridge)
-    return Prediction(shifts, ridges, state, forms)
+    return Prediction(shifts, ridges, state, forms, graphs)
 
 
 def meta_backward(
@@ -232,6 +244,10 @@ def meta_backward(
         grad_deltas = spread_backward(grad_spread, prediction.spread_state, reduce=world.all_reduce_sum)
     with timer("hypernet_backward"):
         for layer, (keys_NI, grads_NO) in enumerate(zip(keys, grads)):
+            graph = prediction.delta_graphs[layer] if prediction.delta_graphs else None
+            if graph is not None:
+                graph.backward(grad_deltas[layer].to(graph.dtype))
+                continue
             net, index = bank.net(layer)
             hypernet_vjp(net, keys_NI, grads_NO, index, grad_deltas[layer], chunk_rows=method.chunk_rows)
     with timer("communication"):

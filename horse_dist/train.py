@@ -133,6 +133,9 @@ def train_worker(
             metrics[f"lambda/{name}"] = float(engine.bank.log_lambda(layer).exp())
         if torch.cuda.is_available():
             metrics["peak_device_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if engine.block_cache is not None:  # this worker's (rank 0's in the log)
+            metrics["block_cache/megabytes"] = engine.block_cache.bytes / 2**20
+            metrics["block_cache/hit_rate"] = engine.block_cache.hit_rate
         step_times.append(seconds)
         for key, value in metrics.items():
             if key.startswith("time/"):

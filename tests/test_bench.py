@@ -2,6 +2,7 @@
 and a smoke run of `horse_dist.bench` on random:tiny_llama (seconds)."""
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -9,8 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from horse_dist import bench, flops
 from horse_dist.build import build_engine, load_data
-from horse_dist.config import load_config
+from horse_dist.config import ConfigError, load_config
 from horse_dist.editor.metagrad import hypernet_vjp
+from horse_dist.editor.residual import residual
 from horse_dist.flops import BatchShape, EditorShape, LMShape
 from horse_dist.lm.load import load_frozen_lm
 from horse_dist.lm.passes import cache_pass, loss_pass
@@ -78,7 +80,7 @@ def test_flops_equal_hand_count():
     assert step["spread"] == {"float32": 6 * 3 * 4}  # one layer pair: two dots + one axpy over (3, 4)
     assert step["solve"] == {"float32": 216 + 144, "float64": 72 + 288 + 333}
     assert step["meta_gradient"] == {"float64": 288 + 288 + 72, "float32": 2 * (144 + 48) + 4 * 3 * 4}
-    assert step["hypernet_backward"] == {"float32": 2 * 1440}
+    assert step["hypernet_backward"] == {"float32": 2 * (1440 - 528)}  # 3 rows fit a chunk: no recompute
     assert step["optimizer"] == {"float32": 15 * 100}
     assert step["communication"] == {}
     rates = {"bfloat16": 1e3, "float32": 1e2, "float64": 1e1}
@@ -148,6 +150,13 @@ def test_flops_match_torch_flop_counter(tiny_engine):
     elementwise = (2 * n * d_in + n * d_out) + (3 * n * d_out + 2 * n * d_in)  # forward + backward
     matmul_only = flops.hypernet_backward_flops(n, d_in, d_out, editor.rank, editor.n_blocks) - elementwise
     assert counter.get_total_flops() == matmul_only
+    # A meta-step whose rows fit one chunk keeps the forward's graph: the backward is the VJP alone.
+    with torch.enable_grad():
+        delta = residual(cache.keys[0], *net(cache.keys[0], cache.grads[0], index), net.step_size(index))
+    with FlopCounterMode(display=False) as counter:
+        delta.backward(torch.randn(n, d_out))
+    kept = flops.hypernet_backward_flops(n, d_in, d_out, editor.rank, editor.n_blocks, recompute=False)
+    assert counter.get_total_flops() == kept - (3 * n * d_out + 2 * n * d_in)
 
 
 def test_timed_edit_leaves_the_model_unedited(tiny_engine):
@@ -156,7 +165,7 @@ def test_timed_edit_leaves_the_model_unedited(tiny_engine):
     engine.meta_step(engine.batches_for(pools.train, list(range(16))), optimizer)  # normaliser statistics
     before = [engine.model.get_submodule(n).weight.clone() for n in engine.module_names]
     seconds, batches, n_rows = bench.timed_edit(engine, bench.edit_examples(pools.train.edit, 50))
-    assert sum(b.input_ids.shape[0] for b in batches) == 50  # 40 records cycled to 50 facts
+    assert sum(len(b.sequence_shapes()) for b in batches) == 50  # 40 records cycled to 50 facts
     assert n_rows == sum(b.num_answer_tokens for b in batches)
     assert seconds["seconds"] == pytest.approx(seconds["cache"] + seconds["predict"] + seconds["apply"])
     for name, weight in zip(engine.module_names, before):
@@ -210,3 +219,29 @@ def test_the_floor_counts_real_tokens_not_padding(tiny_engine):
     assert sum(s.answers for s in useful) == sum(s.answers for s in padded)
     shape = bench.lm_shape_of(engine.model)
     assert flops.lm_forward_flops(shape, useful) <= flops.lm_forward_flops(shape, padded)
+
+
+def test_bench_ab_interleaves_variants_and_reports_paired_ratios(tmp_path):
+    from horse_dist import bench_ab
+
+    out = tmp_path / "ab.json"
+    report = bench_ab.main(
+        [
+            "--variant",
+            "data.packing=padded",
+            "--variant=data.packing=packed,data.pack_row_tokens=32",
+            *TINY_OVERRIDES,
+            "bench.steps=2",
+            "bench.edit_sizes=[8]",
+            f"bench.out={out}",
+        ]
+    )
+    first, second = report["variants"]
+    assert first["variant"] == "data.packing=padded" and second["variant"].endswith("pack_row_tokens=32")
+    assert first["meta_step_ratio"] == 1.0 and first["edit_ratio"] == 1.0
+    assert len(second["meta_step_all"]) == 2 and report["edit_facts"] == 8
+    expected = statistics.median(a / b for a, b in zip(second["meta_step_all"], first["meta_step_all"]))
+    assert second["meta_step_ratio"] == pytest.approx(expected)
+    assert json.loads(out.read_text())["rounds"] == 2
+    with pytest.raises(ConfigError, match="at least two --variant"):
+        bench_ab.main(["--variant", "data.packing=padded", *TINY_OVERRIDES])

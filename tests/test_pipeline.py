@@ -62,10 +62,13 @@ def explicit_shifts(bank: HyperNetBank, keys, grads, spread: str):
 
 @pytest.mark.parametrize("spread", ["orthogonal", "reference", "none"])
 @pytest.mark.parametrize("form", ["primal", "dual"])
-def test_meta_backward_equals_autograd_through_the_whole_chain(spread, form):
+@pytest.mark.parametrize("keep_graph", [False, True], ids=["recompute", "kept-graph"])
+def test_meta_backward_equals_autograd_through_the_whole_chain(spread, form, keep_graph):
     keys, grads = caches()
     bank, method = make_bank(spread)
     method.solve_form, method.solve_dtype = form, "float64"
+    if keep_graph:
+        method.chunk_rows = 1024  # all rows in one chunk: the forward's graph is kept for the backward
     update_normalizers(bank, keys, grads, LocalWorld())
     targets = [torch.randn(D_IN, D_OUT, dtype=torch.float64) for _ in range(LAYERS)]
 
@@ -75,8 +78,9 @@ def test_meta_backward_equals_autograd_through_the_whole_chain(spread, form):
     bank.zero_grad()
 
     names = [f"layer{i}" for i in range(LAYERS)]
-    prediction = predict_shifts(bank, keys, grads, method, LocalWorld(), names)
+    prediction = predict_shifts(bank, keys, grads, method, LocalWorld(), names, keep_graph=keep_graph)
     assert prediction.forms == [form] * LAYERS
+    assert all((g is not None) == keep_graph for g in prediction.delta_graphs)
     for got, want in zip(prediction.shifts, reference):
         torch.testing.assert_close(got.double(), want.detach(), rtol=1e-6, atol=1e-8)
     meta_backward(bank, keys, grads, prediction, targets, method, LocalWorld())

@@ -109,6 +109,8 @@ def test_tracking_to_sqlite_logs_params_and_step_metrics(tiny_overrides, tmp_pat
     assert run.data.params["method.spread"] == "orthogonal" and run.data.params["data.n_edits"] == "8"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1, 2]
     assert "eval/edited/ES" in run.data.metrics and "time/cache" in run.data.metrics
+    # Two different meta-batches: their prompts' block inputs are stored, none is seen twice yet.
+    assert run.data.metrics["block_cache/hit_rate"] == 0 and run.data.metrics["block_cache/megabytes"] > 0
 
 
 def test_edit_export_reloads_in_plain_transformers_with_the_edited_predictions(tiny_overrides, tmp_path):

@@ -1,0 +1,133 @@
+"""Side-by-side A/B of run configs: one engine per variant in one process, meta-steps and edit calls
+interleaved round by round, so that a shared machine's drifting speed hits every variant alike.
+
+    python -m horse_dist.bench_ab --variant data.packing=padded --variant data.packing=packed [key=value ...]
+
+Each `--variant` is a comma-separated list of overrides applied on top of the common ones (an empty
+variant is the baseline as configured). Round r runs meta-batch r+1 (round 0's warm-up runs meta-batch 0)
+on every variant, alternating the order, then one edit call of `bench.edit_sizes[0]` facts. Prints per
+variant the median meta-step and edit seconds and the median of the per-round ratios to the first variant;
+`bench.steps` is the number of rounds. Results go to `bench.out` as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from horse_dist.bench import edit_examples, step_indices, timed_edit, write_json
+from horse_dist.build import build_engine, load_data
+from horse_dist.config import ConfigError, load_config, split_cli
+
+log = logging.getLogger("horse_dist.bench_ab")
+
+
+def parse_variants(argv: list[str]) -> tuple[list[list[str]], list[str]]:
+    """`--variant a=1,b=2 --variant a=3 rest...` -> ([[a=1, b=2], [a=3]], rest)."""
+    variants, rest = [], []
+    args = iter(argv)
+    for arg in args:
+        if arg == "--variant":
+            value = next(args, None)
+        elif arg.startswith("--variant="):
+            value = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+            continue
+        if value is None:
+            raise ConfigError("--variant needs a value such as data.packing=padded")
+        variants.append([item for item in value.split(",") if item])
+    if len(variants) < 2:
+        raise ConfigError("give at least two --variant options to compare")
+    return variants, rest
+
+
+def run_ab(variants: list[list[str]], config_file: str | None, common: list[str]) -> dict:
+    engines = []
+    for overrides in variants:
+        cfg = load_config(config_file, [*common, *overrides])
+        torch.manual_seed(cfg.train.seed)
+        engine, tokenizer = build_engine(cfg)
+        pools = load_data(cfg, tokenizer)
+        engines.append((cfg, engine, pools, engine.make_optimizer()))
+    cfg = engines[0][0]
+    if cfg.bench.threads:
+        torch.set_num_threads(cfg.bench.threads)
+    n_facts = cfg.bench.edit_sizes[0] if cfg.bench.edit_sizes else cfg.data.n_edits
+    names = [",".join(v) or "(baseline)" for v in variants]
+    steps: list[list[float]] = [[] for _ in variants]
+    edits: list[list[float]] = [[] for _ in variants]
+    for round_ in range(cfg.bench.steps + 1):  # round 0: warm-up, untimed
+        order = list(range(len(variants)))
+        if round_ % 2:
+            order.reverse()
+        for v in order:
+            vcfg, engine, pools, optimizer = engines[v]
+            pool = pools.train
+            batches = engine.batches_for(
+                pool, step_indices(len(pool.edit), vcfg.data.n_edits, vcfg.train.seed, round_)
+            )
+            start = time.perf_counter()
+            engine.meta_step(batches, optimizer)
+            step_seconds = time.perf_counter() - start
+            edit_seconds = timed_edit(engine, edit_examples(pool.edit + pools.eval.edit, n_facts))[0][
+                "seconds"
+            ]
+            if round_:
+                steps[v].append(step_seconds)
+                edits[v].append(edit_seconds)
+            log.info(
+                "round %d %s: meta-step %.3fs, %d facts %.3fs",
+                round_,
+                names[v],
+                step_seconds,
+                n_facts,
+                edit_seconds,
+            )
+    rows = []
+    for v, name in enumerate(names):
+        rows.append(
+            {
+                "variant": name,
+                "meta_step_seconds": statistics.median(steps[v]),
+                "edit_seconds": statistics.median(edits[v]),
+                "meta_step_ratio": statistics.median(a / b for a, b in zip(steps[v], steps[0])),
+                "edit_ratio": statistics.median(a / b for a, b in zip(edits[v], edits[0])),
+                "meta_step_all": steps[v],
+                "edit_all": edits[v],
+            }
+        )
+    return {"rounds": cfg.bench.steps, "edit_facts": n_facts, "common": common, "variants": rows}
+
+
+def format_ab(report: dict) -> str:
+    lines = [
+        f"{report['rounds']} interleaved rounds; ratios: median of per-round ratios to the first variant",
+        f"{'variant':<44}{'meta-step s':>12}{'ratio':>8}{str(report['edit_facts']) + ' facts s':>12}{'ratio':>8}",
+    ]
+    for row in report["variants"]:
+        lines.append(
+            f"{row['variant']:<44}{row['meta_step_seconds']:>12.3f}{row['meta_step_ratio']:>8.3f}"
+            f"{row['edit_seconds']:>12.3f}{row['edit_ratio']:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    variants, rest = parse_variants(sys.argv[1:] if argv is None else argv)
+    config_file, common = split_cli(rest)
+    report = run_ab(variants, config_file, common)
+    out = write_json(report, Path(load_config(config_file, common).bench.out).expanduser())
+    print(format_ab(report))  # noqa: T201
+    print(f"report: {out}")  # noqa: T201
+    return report
+
+
+if __name__ == "__main__":
+    main()
