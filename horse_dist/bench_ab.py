@@ -106,13 +106,15 @@ def run_ab(variants: list[list[str]], config_file: str | None, common: list[str]
 
 
 def format_ab(report: dict) -> str:
+    width = max(len(row["variant"]) for row in report["variants"]) + 2
+    facts = f"{report['edit_facts']} facts s"
     lines = [
         f"{report['rounds']} interleaved rounds; ratios: median of per-round ratios to the first variant",
-        f"{'variant':<44}{'meta-step s':>12}{'ratio':>8}{str(report['edit_facts']) + ' facts s':>12}{'ratio':>8}",
+        f"{'variant':<{width}}{'meta-step s':>12}{'ratio':>8}{facts:>12}{'ratio':>8}",
     ]
     for row in report["variants"]:
         lines.append(
-            f"{row['variant']:<44}{row['meta_step_seconds']:>12.3f}{row['meta_step_ratio']:>8.3f}"
+            f"{row['variant']:<{width}}{row['meta_step_seconds']:>12.3f}{row['meta_step_ratio']:>8.3f}"
             f"{row['edit_seconds']:>12.3f}{row['edit_ratio']:>8.3f}"
         )
     return "\n".join(lines)

@@ -45,7 +45,9 @@ class DataConfig:
     micro_batch_size: int = (
         0  # rows per micro-batch of the LM passes; 0: batch_size. Results do not depend on it
     )
-    max_batch_tokens: int = 640  # and at most this many padded tokens per micro-batch (0: no limit)
+    # and at most this many padded tokens per micro-batch (0: no limit); with packed rows 2048 beat 640 and
+    # 4096 on 2 CPU cores (docs/performance.md); one-sequence rows on a CPU did better at 640
+    max_batch_tokens: int = 2048
     # packed: several sequences per row (little padding); padded: one per row; auto: packed on a CPU for the
     # architectures where it is tested exact (lm/fast_forward.py PACKABLE). Results equal up to float rounding
     packing: str = "auto"

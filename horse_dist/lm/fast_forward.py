@@ -21,13 +21,24 @@ from horse_dist.config import ConfigError
 from horse_dist.lm.registry import ARCHITECTURES
 
 # HF model_type values checked in tests/test_fast_forward.py (packed logits = one-sequence-per-row logits).
-PACKABLE = frozenset({"llama", "mistral", "qwen2", "qwen3", "gptj", "gpt2"})
+PACKABLE = frozenset({"llama", "mistral", "gptj", "gpt2"})
 # ... and resuming at a block = the full pass.
 RESUMABLE = frozenset({"llama", "mistral", "gptj"})
 
 
 def model_type(model: nn.Module) -> str | None:
     return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def packed_attention_mask(segment_ids_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive mask: a token sees earlier tokens of its own sequence only. Pad rows see
+    nothing but themselves (a finite minimum, not -inf, so their softmax stays finite)."""
+    T = segment_ids_BT.shape[1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
+    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+    allowed_BTT = same_BTT & causal_TT
+    mask = torch.zeros(allowed_BTT.shape, dtype=dtype, device=segment_ids_BT.device)
+    return mask.masked_fill_(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def use_packing(setting: str, model: nn.Module, device: torch.device) -> bool:

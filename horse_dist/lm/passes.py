@@ -22,20 +22,10 @@ from horse_dist.editor.losses import (
     per_example_ce,
     per_example_kl,
 )
+from horse_dist.lm.fast_forward import packed_attention_mask
 from horse_dist.lm.hooks import EditHooks
 
 Logits = Callable[[TokenBatch], torch.Tensor]  # batch -> answer logits (P, V)
-
-
-def packed_attention_mask(segment_ids_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T) additive mask: a token sees earlier tokens of its own sequence only. Pad rows see
-    nothing but themselves (a finite minimum, not -inf, so their softmax stays finite)."""
-    T = segment_ids_BT.shape[1]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
-    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    allowed_BTT = same_BTT & causal_TT
-    mask = torch.zeros(allowed_BTT.shape, dtype=dtype, device=segment_ids_BT.device)
-    return mask.masked_fill_(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
