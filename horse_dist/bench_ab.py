@@ -4,8 +4,9 @@ interleaved round by round, so that a shared machine's drifting speed hits every
     python -m horse_dist.bench_ab --variant data.packing=padded --variant data.packing=packed [key=value ...]
 
 Each `--variant` is a comma-separated list of overrides applied on top of the common ones (an empty
-variant is the baseline as configured). Round r runs meta-batch r+1 (round 0's warm-up runs meta-batch 0)
-on every variant, alternating the order, then one edit call of `bench.edit_sizes[0]` facts. Prints per
+variant is the baseline as configured). Round r (0: an untimed warm-up) runs meta-batch r on every
+variant, alternating the order, each followed by one edit call of `bench.edit_sizes[0]` facts; the
+meta-batches are first visits (the block-input cache has not seen them) while rounds stay within an epoch. Prints per
 variant the median meta-step and edit seconds and the median of the per-round ratios to the first variant;
 `bench.steps` is the number of rounds. Results go to `bench.out` as JSON.
 """
@@ -75,9 +76,8 @@ def run_ab(variants: list[list[str]], config_file: str | None, common: list[str]
             start = time.perf_counter()
             engine.meta_step(batches, optimizer)
             step_seconds = time.perf_counter() - start
-            edit_seconds = timed_edit(engine, edit_examples(pool.edit + pools.eval.edit, n_facts))[0][
-                "seconds"
-            ]
+            facts = edit_examples(pool.edit + pools.eval.edit, n_facts)
+            edit_seconds = timed_edit(engine, facts)[0]["seconds"]
             if round_:
                 steps[v].append(step_seconds)
                 edits[v].append(edit_seconds)

@@ -43,9 +43,8 @@ class EditBatches:
     equiv: list[TokenBatch]
     unrel: list[TokenBatch]
     n_edits: int
-    records: list[tuple[int, int]] | None = (
-        None  # (pool id, index in the pool) of each edit: block-cache keys
-    )
+    # (pool id, index in the pool) of each edit: the keys of the block-input cache
+    records: list[tuple[int, int]] | None = None
 
 
 class EditEngine:

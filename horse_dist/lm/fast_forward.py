@@ -31,8 +31,8 @@ def model_type(model: nn.Module) -> str | None:
 
 
 def packed_attention_mask(segment_ids_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T) additive mask: a token sees earlier tokens of its own sequence only. Pad rows see
-    nothing but themselves (a finite minimum, not -inf, so their softmax stays finite)."""
+    """(B, 1, T, T) additive mask: a token sees earlier tokens of its own sequence only, pad positions only
+    pads (a finite minimum, not -inf, keeps every softmax finite)."""
     T = segment_ids_BT.shape[1]
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
     same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
