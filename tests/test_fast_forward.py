@@ -200,3 +200,19 @@ def test_block_cache_respects_its_budget():
     pools = load_data(cfg, tokenizer)
     engine.meta_step(engine.batches_for(pools.train, list(range(8))), engine.make_optimizer())
     assert engine.block_cache.bytes <= 107 and len(engine.block_cache) == 0
+
+
+def test_block_cache_is_bypassed_under_zero3_and_without_records():
+    cfg = load_config(None, [*BLOCK_CACHE_CFG, "train.block_cache_gb=1"])
+    engine, tokenizer = build_engine(cfg)
+    batches = engine.batches_for(load_data(cfg, tokenizer).train, list(range(8)))
+    assert all(fn is not None for fn in engine.training_logits(batches).values())
+    batches.records = None  # edit calls and evaluation carry no record keys
+    assert all(fn is None for fn in engine.training_logits(batches).values())
+
+    class ZeRO3:
+        zero_stage = 3
+
+    engine.deepspeed = ZeRO3()  # partitioned blocks are gathered in traced module order: no resuming
+    batches.records = [(0, i) for i in range(8)]
+    assert all(fn is None for fn in engine.training_logits(batches).values())
