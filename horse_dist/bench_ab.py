@@ -61,6 +61,7 @@ def run_ab(variants: list[list[str]], config_file: str | None, common: list[str]
         torch.set_num_threads(cfg.bench.threads)
     n_facts = cfg.bench.edit_sizes[0] if cfg.bench.edit_sizes else cfg.data.n_edits
     names = [",".join(v) or "(baseline)" for v in variants]
+    facts = [edit_examples(pools.train.edit + pools.eval.edit, n_facts) for _, _, pools, _ in engines]
     steps: list[list[float]] = [[] for _ in variants]
     edits: list[list[float]] = [[] for _ in variants]
     for round_ in range(cfg.bench.steps + 1):  # round 0: warm-up, untimed
@@ -76,8 +77,7 @@ def run_ab(variants: list[list[str]], config_file: str | None, common: list[str]
             start = time.perf_counter()
             engine.meta_step(batches, optimizer)
             step_seconds = time.perf_counter() - start
-            facts = edit_examples(pool.edit + pools.eval.edit, n_facts)
-            edit_seconds = timed_edit(engine, facts)[0]["seconds"]
+            edit_seconds = timed_edit(engine, facts[v])[0]["seconds"]
             if round_:
                 steps[v].append(step_seconds)
                 edits[v].append(edit_seconds)

@@ -13,15 +13,15 @@ import torch
 from torch import nn
 
 from horse_dist.config import RunConfig
-from horse_dist.data import TokenBatch, TokenizedRecords, micro_batch_plan, micro_batches
-from horse_dist.data.packing import packed_micro_batches, packed_plan
+from horse_dist.data import TokenBatch, TokenizedRecords, collate, micro_batch_plan
+from horse_dist.data.packing import collate_packed, packed_plan
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
 from horse_dist.lm.block_cache import BlockInputCache
-from horse_dist.lm.fast_forward import RESUMABLE, model_type, use_packing
+from horse_dist.lm.fast_forward import RESUMABLE, use_packing
 from horse_dist.lm.hooks import EditHooks
 from horse_dist.lm.passes import CacheResult, Logits, cache_pass, loss_pass, score_pass
-from horse_dist.lm.registry import layer_index, module_shape
+from horse_dist.lm.registry import layer_index, model_type, module_shape
 from horse_dist.pipeline import (
     HyperNetBank,
     PhaseTimer,
@@ -75,13 +75,11 @@ class EditEngine:
 
     # ---- data -------------------------------------------------------------------------------------------
     def micro_batches(self, examples: list, min_batches: int = 0) -> list[TokenBatch]:
-        data, rows = self.cfg.data, self.micro_batch_rows
+        plan = self._plan(examples, min_batches)
         if self.packing:
-            batches = packed_micro_batches(
-                examples, rows, self.pad_id, data.max_batch_tokens, min_batches, data.pack_row_tokens
-            )
+            batches = [collate_packed(examples, rows, self.pad_id) for rows in plan]
         else:
-            batches = micro_batches(examples, rows, self.pad_id, data.max_batch_tokens, min_batches)
+            batches = [collate([examples[i] for i in chunk], chunk, self.pad_id) for chunk in plan]
         return [b.to(self.device) for b in batches]
 
     def batches_for(self, pool: TokenizedRecords, indices: list[int]) -> EditBatches:
@@ -93,13 +91,12 @@ class EditEngine:
         edit, equiv, unrel = (self.micro_batches(v, n) for v, n in zip(views, counts))
         return EditBatches(edit, equiv, unrel, len(indices), [(id(pool), i) for i in indices])
 
-    def _plan(self, examples: list) -> list:
-        data = self.cfg.data
+    def _plan(self, examples: list, min_batches: int = 0) -> list:
+        """Micro-batches as example indices (packed: per row), under the data config's limits."""
+        data, rows = self.cfg.data, self.micro_batch_rows
         if self.packing:
-            return packed_plan(
-                examples, self.micro_batch_rows, data.max_batch_tokens, 0, data.pack_row_tokens
-            )
-        return micro_batch_plan(examples, self.micro_batch_rows, data.max_batch_tokens)
+            return packed_plan(examples, rows, data.max_batch_tokens, min_batches, data.pack_row_tokens)
+        return micro_batch_plan(examples, rows, data.max_batch_tokens, min_batches)
 
     @property
     def lockstep(self) -> bool:

@@ -168,19 +168,17 @@ def predict_shifts(
         graphs: list[torch.Tensor | None] = []
         for layer, (keys_NI, grads_NO) in enumerate(zip(keys, grads)):
             net, index = bank.net(layer)
-            if keep_graph and 0 < keys_NI.shape[0] <= method.chunk_rows:
-                with torch.enable_grad():
-                    delta = residual(keys_NI, *net(keys_NI, grads_NO, index), net.step_size(index))
-                graphs.append(delta)
-                deltas.append(delta.detach())
-                continue
-            graphs.append(None)
+            # One chunk's graph is cheap to keep; larger caches are recomputed chunk by chunk in the backward.
+            keep = keep_graph and 0 < keys_NI.shape[0] <= method.chunk_rows
             chunks = []
-            for start in range(0, keys_NI.shape[0], method.chunk_rows):
-                k, g = keys_NI[start : start + method.chunk_rows], grads_NO[start : start + method.chunk_rows]
-                pseudo_keys, pseudo_grads = net(k, g, index)
-                chunks.append(residual(k, pseudo_keys, pseudo_grads, net.step_size(index)))
-            deltas.append(torch.cat(chunks) if chunks else grads_NO.new_zeros(grads_NO.shape))
+            with torch.set_grad_enabled(keep):
+                for start in range(0, keys_NI.shape[0], method.chunk_rows):
+                    rows = slice(start, start + method.chunk_rows)
+                    pseudo_keys, pseudo_grads = net(keys_NI[rows], grads_NO[rows], index)
+                    chunks.append(residual(keys_NI[rows], pseudo_keys, pseudo_grads, net.step_size(index)))
+                delta = torch.cat(chunks) if chunks else grads_NO.new_zeros(grads_NO.shape)
+            graphs.append(delta if keep else None)
+            deltas.append(delta.detach())
     with timer("spread"):
         spread, state = spread_forward(
             deltas, method.spread, raw_grads=grads, reduce=world.all_reduce_sum, names=names

@@ -49,12 +49,13 @@ class TokenBatch:
                 (r, 0, int(n), int(e)) for r, (n, e) in enumerate(zip(lengths, self.example_ids.tolist()))
             ]
         spans = []
+        example_rows = self.example_ids.tolist()
         for r, segments in enumerate(self.segment_ids.tolist()):
             start = 0
             for t in range(1, len(segments) + 1):
                 if t == len(segments) or segments[t] != segments[start]:
                     if segments[start] >= 0:
-                        spans.append((r, start, t, int(self.example_ids[r, start])))
+                        spans.append((r, start, t, example_rows[r][start]))
                     start = t
         return spans
 
@@ -81,6 +82,15 @@ def collate(examples: list[TokenizedExample], example_ids: list[int], pad_id: in
     return TokenBatch(input_ids, attention_mask, labels, torch.tensor(example_ids, dtype=torch.long))
 
 
+def check_min_batches(n_examples: int, min_batches: int) -> None:
+    """Every micro-batch needs an example: a worker can split its slice into at most one pass per edit."""
+    if min_batches > n_examples:
+        raise ValueError(
+            f"cannot make {min_batches} micro-batches of {n_examples} examples: another worker needs "
+            f"{min_batches} passes; raise data.max_batch_tokens or give each worker more edits"
+        )
+
+
 def micro_batch_plan(
     examples: list[TokenizedExample], batch_size: int, max_tokens: int = 0, min_batches: int = 0
 ) -> list[list[int]]:
@@ -105,11 +115,7 @@ def micro_batch_plan(
                 chunk.append(i)
                 continue
         chunks.append([i])
-    if min_batches > len(examples):
-        raise ValueError(
-            f"cannot make {min_batches} micro-batches of {len(examples)} examples: another worker needs "
-            f"{min_batches} passes; raise data.max_batch_tokens or give each worker more edits"
-        )
+    check_min_batches(len(examples), min_batches)
     while len(chunks) < min_batches:
         largest = max(range(len(chunks)), key=lambda c: len(chunks[c]))
         chunk = chunks.pop(largest)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from horse_dist.data.batching import TokenBatch
+from horse_dist.data.batching import TokenBatch, check_min_batches
 from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 Plan = list[list[list[int]]]  # micro-batches -> rows -> example indices
@@ -48,11 +48,7 @@ def packed_plan(
     ZeRO-3 workers must run equal numbers of passes."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
-    if min_batches > len(examples):
-        raise ValueError(
-            f"cannot make {min_batches} micro-batches of {len(examples)} examples: another worker needs "
-            f"{min_batches} passes; raise data.max_batch_tokens or give each worker more edits"
-        )
+    check_min_batches(len(examples), min_batches)
     if not examples:
         return []
     lengths = [len(example.input_ids) for example in examples]

@@ -18,13 +18,13 @@ from horse_dist.lm.passes import Logits, answer_logits
 
 Record = tuple[int, int]  # (pool id, index in the pool)
 Key = tuple[str, Record]  # (prompt kind, record)
+Span = tuple[int, int, int, int]  # (row, start, end, edit index) of a sequence in a batch
 
 
 class BlockInputCache:
-    def __init__(self, block: int, budget_bytes: int, device: torch.device | None = None) -> None:
+    def __init__(self, block: int, budget_bytes: int) -> None:
         self.block, self.budget_bytes = block, int(budget_bytes)
-        self.device = device or torch.device("cpu")  # where the states are kept (host memory by default)
-        self._states: dict[Key, torch.Tensor] = {}  # (kind, record) -> (T, H)
+        self._states: dict[Key, torch.Tensor] = {}  # (kind, record) -> (T, H), in host memory
         self.bytes = 0
         self.hits = self.misses = 0
 
@@ -40,29 +40,32 @@ class BlockInputCache:
         """answer_logits for batches of `kind` prompts whose edit index e is the record records[e]."""
 
         def logits(batch: TokenBatch) -> torch.Tensor:
-            keys = [(kind, records[e]) for *_, e in batch.sequence_spans()]
+            spans = batch.sequence_spans()
+            keys = [(kind, records[e]) for *_, e in spans]
             if all(key in self._states for key in keys):
                 self.hits += 1
-                return self._resume(model, batch, keys)
+                return self._resume(model, batch, spans, keys)
             self.misses += 1
             with capturing_block_input(model, self.block) as captured:
                 out = answer_logits(model, batch)
-            self._store(batch, keys, captured[0])
+            self._store(spans, keys, captured[0])
             return out
 
         return logits
 
-    def _resume(self, model: nn.Module, batch: TokenBatch, keys: list[Key]) -> torch.Tensor:
+    def _resume(
+        self, model: nn.Module, batch: TokenBatch, spans: list[Span], keys: list[Key]
+    ) -> torch.Tensor:
         dtype = model.get_input_embeddings().weight.dtype
         hidden_BTH = torch.zeros(*batch.input_ids.shape, self._states[keys[0]].shape[-1], dtype=dtype)
-        for (row, start, end, _), key in zip(batch.sequence_spans(), keys):
+        for (row, start, end, _), key in zip(spans, keys):
             hidden_BTH[row, start:end] = self._states[key]
         with blocks_from(model, self.block):
             return answer_logits(model, batch, hidden_BTH.to(batch.input_ids.device))
 
-    def _store(self, batch: TokenBatch, keys: list[Key], hidden_BTH: torch.Tensor) -> None:
-        hidden_BTH = hidden_BTH.to(self.device)  # one device-to-host copy per batch, not one per sequence
-        for (row, start, end, _), key in zip(batch.sequence_spans(), keys):
+    def _store(self, spans: list[Span], keys: list[Key], hidden_BTH: torch.Tensor) -> None:
+        hidden_BTH = hidden_BTH.cpu()  # one device-to-host copy per batch, not one per sequence
+        for (row, start, end, _), key in zip(spans, keys):
             if key in self._states:
                 continue
             state = hidden_BTH[row, start:end].clone()  # a view would keep the whole batch alive

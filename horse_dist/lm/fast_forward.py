@@ -18,16 +18,12 @@ import torch
 from torch import nn
 
 from horse_dist.config import ConfigError
-from horse_dist.lm.registry import ARCHITECTURES
+from horse_dist.lm.registry import ARCHITECTURES, model_type
 
 # HF model_type values checked in tests/test_fast_forward.py (packed logits = one-sequence-per-row logits).
 PACKABLE = frozenset({"llama", "mistral", "gptj", "gpt2"})
 # ... and resuming at a block = the full pass.
 RESUMABLE = frozenset({"llama", "mistral", "gptj"})
-
-
-def model_type(model: nn.Module) -> str | None:
-    return getattr(getattr(model, "config", None), "model_type", None)
 
 
 def packed_attention_mask(segment_ids_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -61,18 +61,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {
 EDITABLE_TYPES = (nn.Linear, Conv1D)
 
 
-def _model_type(model: nn.Module) -> str | None:
+def model_type(model: nn.Module) -> str | None:
+    """The HF `config.model_type` (None for a module without an HF config)."""
     config = getattr(model, "config", None)
     return getattr(config, "model_type", None)
 
 
 def default_edit_modules(model: nn.Module, n_last: int = 6) -> list[str]:
     """Full names of the edit module in the last ``n_last`` layers, ascending layer order."""
-    model_type = _model_type(model)
-    spec = ARCHITECTURES.get(model_type)
+    kind = model_type(model)
+    spec = ARCHITECTURES.get(kind)
     if spec is None:
         raise ValueError(
-            f"no default edit modules for model_type {model_type!r} (known: {sorted(ARCHITECTURES)}); "
+            f"no default edit modules for model_type {kind!r} (known: {sorted(ARCHITECTURES)}); "
             "set model.edit_modules to explicit module names, e.g. 'model.layers.27.mlp.down_proj'"
         )
     n_layers = len(model.get_submodule(spec.layers_path))

@@ -6,14 +6,13 @@ import torch
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from horse_dist.lm.registry import ARCHITECTURES, layer_index, resolve_edit_modules
+from horse_dist.lm.registry import ARCHITECTURES, layer_index, model_type, resolve_edit_modules
 
 
 def arch_spec(model: nn.Module):
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    spec = ARCHITECTURES.get(model_type)
+    spec = ARCHITECTURES.get(model_type(model))
     if spec is None:
-        raise ValueError(f"locate editors: no edit-module layout for model_type {model_type!r}")
+        raise ValueError(f"locate editors: no edit-module layout for model_type {model_type(model)!r}")
     return spec
 
 
