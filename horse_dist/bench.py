@@ -99,19 +99,23 @@ def batch_shapes(batches: list[TokenBatch]) -> list[BatchShape]:
 
 
 def useful_shapes(batches: list[TokenBatch]) -> list[BatchShape]:
-    """Every sequence at its own unpadded length: the floor counts the work the edits need, so padding (which
-    large micro-batches add) shows up as a lower achieved fraction rather than as extra floor."""
+    """Every sequence at its own unpadded length (less a prefix shared with an earlier one in its row): the
+    floor counts the work the edits need, so padding (which large micro-batches add) shows up as a lower
+    achieved fraction rather than as extra floor."""
     return [BatchShape(1, int(n), int(a)) for b in batches for n, a in b.sequence_shapes()]
 
 
 def token_counts(batches: list[TokenBatch]) -> dict[str, int]:
     shapes = batch_shapes(batches)
+    sequences = [positions for b in batches for _, positions, _ in b.sequence_positions()]
+    tokens = int(sum(int(b.attention_mask.sum()) for b in batches))
     return {
         "micro_batches": len(shapes),
         "rows": sum(s.rows for s in shapes),
-        "sequences": sum(len(b.sequence_shapes()) for b in batches),
+        "sequences": len(sequences),
         "padded_tokens": sum(s.padded_tokens for s in shapes),
-        "tokens": int(sum(int(b.attention_mask.sum()) for b in batches)),
+        "tokens": tokens,
+        "shared_prefix_tokens": sum(map(len, sequences)) - tokens,  # computed once, not once per sequence
         "answers": sum(s.answers for s in shapes),
     }
 

@@ -51,7 +51,10 @@ class DataConfig:
     # packed: several sequences per row (little padding); padded: one per row; auto: packed on a CPU for the
     # architectures where it is tested exact (lm/fast_forward.py PACKABLE). Results equal up to float rounding
     packing: str = "auto"
-    pack_row_tokens: int = 64  # packed row length (the longest sequence, if longer)
+    # packed row length (the longest sequence, if longer); 0: per plan, the cheapest of data/packing.py's
+    # ROW_CANDIDATES (64-128) for these prompts
+    pack_row_tokens: int = 0
+    share_prefixes: bool = True  # packed rows compute prompt prefixes that sequences share once (exact)
     max_train_records: int = 0  # 0: all
 
 
@@ -333,7 +336,6 @@ def validate(cfg: RunConfig) -> None:
     positive = {
         "data.n_edits": cfg.data.n_edits,
         "data.batch_size": cfg.data.batch_size,
-        "data.pack_row_tokens": cfg.data.pack_row_tokens,
         "method.rank": cfg.method.rank,
         "method.chunk_rows": cfg.method.chunk_rows,
         "train.eval_n_edits": cfg.train.eval_n_edits,
@@ -346,6 +348,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.micro_batch_size < 0:
         raise ConfigError(
             f"data.micro_batch_size must be >= 0 (0: data.batch_size), got {cfg.data.micro_batch_size}"
+        )
+    if cfg.data.pack_row_tokens < 0:
+        raise ConfigError(
+            f"data.pack_row_tokens must be >= 0 (0: chosen per plan), got {cfg.data.pack_row_tokens}"
         )
     if cfg.train.block_cache_gb < 0:
         raise ConfigError(f"train.block_cache_gb must be >= 0 (0: off), got {cfg.train.block_cache_gb}")

@@ -77,7 +77,8 @@ class EditEngine:
     def micro_batches(self, examples: list, min_batches: int = 0) -> list[TokenBatch]:
         plan = self._plan(examples, min_batches)
         if self.packing:
-            batches = [collate_packed(examples, rows, self.pad_id) for rows in plan]
+            share = self.cfg.data.share_prefixes
+            batches = [collate_packed(examples, rows, self.pad_id, share) for rows in plan]
         else:
             batches = [collate([examples[i] for i in chunk], chunk, self.pad_id) for chunk in plan]
         return [b.to(self.device) for b in batches]
@@ -95,7 +96,9 @@ class EditEngine:
         """Micro-batches as example indices (packed: per row), under the data config's limits."""
         data, rows = self.cfg.data, self.micro_batch_rows
         if self.packing:
-            return packed_plan(examples, rows, data.max_batch_tokens, min_batches, data.pack_row_tokens)
+            return packed_plan(
+                examples, rows, data.max_batch_tokens, min_batches, data.pack_row_tokens, data.share_prefixes
+            )
         return micro_batch_plan(examples, rows, data.max_batch_tokens, min_batches)
 
     @property

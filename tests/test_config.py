@@ -68,6 +68,8 @@ def test_bad_choice_and_nonpositive_values():
         load_config(overrides=["method.spread=diagonal"])
     with pytest.raises(ConfigError, match="data.n_edits must be positive"):
         load_config(overrides=["data.n_edits=0"])
+    with pytest.raises(ConfigError, match=r"data.pack_row_tokens must be >= 0 \(0: chosen per plan\), got -1"):
+        load_config(overrides=["data.pack_row_tokens=-1"])
 
 
 def test_unknown_preset_lists_available():

@@ -414,7 +414,7 @@ def test_collate_pads_right_and_masks_labels():
     assert batch.example_ids.tolist() == [4, 2]
     assert batch.num_answer_tokens == 3
     assert all(t.dtype == torch.long for t in vars(batch).values() if t is not None)
-    assert not batch.packed and batch.segment_ids is None and batch.position_ids is None
+    assert not batch.packed and batch.visible_until is None and batch.position_ids is None
     moved = batch.to("cpu")
     assert moved.labels.tolist() == batch.labels.tolist() and moved.example_ids.tolist() == [4, 2]
 

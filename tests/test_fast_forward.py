@@ -6,14 +6,33 @@ import torch
 from horse_dist.build import build_engine, load_data
 from horse_dist.config import ConfigError, load_config
 from horse_dist.data import micro_batches, tokenize_examples
-from horse_dist.data.packing import collate_packed, pack_rows, packed_micro_batches, packed_plan
-from horse_dist.lm.fast_forward import PACKABLE, RESUMABLE, blocks_from, capturing_block_input, use_packing
+from horse_dist.data.packing import (
+    collate_packed,
+    pack_rows,
+    packed_micro_batches,
+    packed_plan,
+    packed_rows,
+    shareable_length,
+    tree_size,
+)
+from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
+from horse_dist.lm.block_cache import BlockInputCache
+from horse_dist.lm.fast_forward import (
+    PACKABLE,
+    RESUMABLE,
+    blocks_from,
+    capturing_block_input,
+    packed_attention_mask,
+    use_packing,
+)
 from horse_dist.lm.hooks import EditHooks
 from horse_dist.lm.passes import answer_logits, cache_pass, loss_pass
 from horse_dist.lm.registry import default_edit_modules, module_shape
 from horse_dist.tiny.models import TINY_ARCHS, build_tiny_model
 from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
+# Shared prefixes (rows share them when packed), a repeated prompt with another answer (its last prompt
+# token is an answer position, never shared), and a one-token prompt.
 PROMPTS = [
     "The capital of France is",
     "Who wrote Hamlet?",
@@ -21,8 +40,21 @@ PROMPTS = [
     "Which river flows through the city that hosted the first modern Olympic games?",
     "Name the author of",
     "What is the native language of the person who founded it",
+    "The capital of Italy is",
+    "Who wrote Macbeth?",
+    "The capital of France is",
 ]
-ANSWERS = ["Paris", "William Shakespeare", "y z", "the Ilisos river", "War and Peace", "Greek"]
+ANSWERS = [
+    "Paris",
+    "William Shakespeare",
+    "y z",
+    "the Ilisos river",
+    "War and Peace",
+    "Greek",
+    "Rome",
+    "Shakespeare",
+    "Lyon",
+]
 
 
 def _setup(arch: str):
@@ -46,24 +78,76 @@ def test_pack_rows_first_fit_decreasing():
 def test_packed_plan_limits_rows_tokens_and_splits_for_lockstep():
     tokenizer, _, examples = _setup("llama")
     longest = max(len(e.input_ids) for e in examples)
-    plan = packed_plan(examples, max_rows=32, max_tokens=2 * longest, row_tokens=1)
-    assert all(len(batch) <= 2 for batch in plan)
-    assert sorted(i for batch in plan for row in batch for i in row) == list(range(len(examples)))
-    assert all(sum(len(examples[i].input_ids) for i in row) <= longest for batch in plan for row in batch)
-    assert all(len(batch) == 1 for batch in packed_plan(examples, max_rows=1, row_tokens=1))
-    assert len(packed_plan(examples, max_rows=32, row_tokens=1000)) == 1  # one row holds them all
-    split = packed_plan(examples, max_rows=32, min_batches=len(examples))
-    assert len(split) == len(examples) and all(sum(map(len, batch)) == 1 for batch in split)
-    with pytest.raises(ValueError, match="cannot make 7 micro-batches of 6 examples"):
-        packed_plan(examples, 32, min_batches=7)
+    n = len(examples)
+    for share in (False, True):
+        plan = packed_plan(examples, max_rows=32, max_tokens=2 * longest, row_tokens=1, share=share)
+        assert all(len(batch) <= 2 for batch in plan)
+        assert sorted(i for batch in plan for row in batch for i in row) == list(range(n))
+        assert all(tree_size(examples, row, share) <= longest for batch in plan for row in batch)
+        assert all(len(batch) == 1 for batch in packed_plan(examples, max_rows=1, row_tokens=1, share=share))
+        assert len(packed_plan(examples, max_rows=32, row_tokens=1000, share=share)) == 1  # one row
+        split = packed_plan(examples, max_rows=32, min_batches=n, share=share)
+        assert len(split) == n and all(sum(map(len, batch)) == 1 for batch in split)
+    with pytest.raises(ValueError, match=f"cannot make {n + 1} micro-batches of {n} examples"):
+        packed_plan(examples, 32, min_batches=n + 1)
+
+
+def _example(input_ids: list[int], n_answer: int) -> TokenizedExample:
+    return TokenizedExample(input_ids, [IGNORE_INDEX] * (len(input_ids) - n_answer) + [100] * n_answer)
+
+
+def test_packed_rows_picks_the_cheapest_row_length():
+    examples = [_example([10 + i] * 40, 1) for i in range(5)]  # nothing shared: 40 tokens each
+    rows, length = packed_rows(examples, 0, share=False)
+    # 64: 5 rows (320 positions); 80: 3 rows (240); 96: 3 (288); 112: 3 (336); 128: 2 (256, dearer attention)
+    assert length == 80 and sorted(map(len, rows)) == [1, 2, 2]
+    rows, length = packed_rows(examples, 64, share=False)
+    assert length == 64 and len(rows) == 5
+    assert packed_rows(examples, 30, share=False)[1] == 40  # the longest sequence, if longer
+
+
+def test_prefix_tree_shares_only_positions_no_loss_reads():
+    a = _example([1, 2, 3, 4, 5], 2)  # positions 0-2 shareable
+    b = _example([1, 2, 3, 9], 1)  # positions 0-2 shareable
+    c = _example([1, 2, 3, 4, 5], 2)  # a repeated prompt: its answer positions get their own tokens
+    d = _example([1, 2], 2)  # nothing shareable: its first token is an answer position
+    long = _example(list(range(1, 12)), 1)  # a second row of 11 tokens: row 0 gets one pad
+    assert [shareable_length(e) for e in (a, b, c, d)] == [3, 3, 3, 0]
+    batch = collate_packed([a, b, c, d, long], [[0, 1, 2, 3], [4]], pad_id=0)
+    # tree: 1-2-3 shared by a, b, c; then a's 4-5, b's 9, c's 4-5; d alone
+    assert batch.input_ids[0].tolist() == [1, 2, 3, 4, 5, 9, 4, 5, 1, 2, 0]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 3, 3, 4, 0, 1, 0]
+    assert batch.visible_until[0].tolist() == [8, 8, 8, 5, 5, 6, 8, 8, 10, 10, 11]
+    assert batch.example_ids[0, :10].tolist() == [0, 0, 0, 0, 0, 1, 2, 2, 3, 3]
+    assert batch.labels[0, :10].tolist() == [IGNORE_INDEX] * 3 + [100, 100, 100, 100, 100, 100, 100]
+    paths = [(r, p.tolist(), e) for r, p, e in batch.sequence_positions()]
+    assert paths[:4] == [
+        (0, [0, 1, 2, 3, 4], 0),
+        (0, [0, 1, 2, 5], 1),
+        (0, [0, 1, 2, 6, 7], 2),
+        (0, [8, 9], 3),
+    ]
+    assert paths[4] == (1, list(range(11)), 4)
+    assert batch.sequence_shapes() == [(5, 2), (1, 1), (2, 2), (2, 2), (11, 1)]  # tokens each adds, answers
+    mask = packed_attention_mask(batch.visible_until, torch.float32)[0, 0] == 0
+    assert mask[5].nonzero().flatten().tolist() == [0, 1, 2, 5]  # b's answer position sees its own path
+    assert mask[10].nonzero().flatten().tolist() == [10]  # a pad sees itself only
+    unshared = collate_packed([a, b, c, d], [[0, 1, 2, 3]], pad_id=0, share=False)
+    assert unshared.input_ids.shape == (1, 16) and unshared.sequence_shapes() == [
+        (5, 2),
+        (4, 1),
+        (5, 2),
+        (2, 2),
+    ]
+    assert tree_size([a, b, c, d], [0, 1, 2, 3]) == 10 and tree_size([a, b, c, d], [0, 1, 2, 3], False) == 16
 
 
 def test_collate_packed_layout():
     tokenizer, _, examples = _setup("llama")
-    batch = collate_packed(examples, [[3], [0, 2]], pad_id=0)
+    batch = collate_packed(examples, [[3], [0, 2]], pad_id=0, share=False)
     n3, n0, n2 = (len(examples[i].input_ids) for i in (3, 0, 2))
     assert batch.input_ids.shape == (2, max(n3, n0 + n2))
-    assert batch.segment_ids[1, : n0 + n2].tolist() == [0] * n0 + [1] * n2
+    assert batch.visible_until[1, : n0 + n2].tolist() == [n0] * n0 + [n0 + n2] * n2
     assert batch.position_ids[1, n0 : n0 + n2].tolist() == list(range(n2))
     assert batch.example_ids[1, n0].item() == 2 and batch.attention_mask[1].sum().item() == n0 + n2
     assert batch.sequence_shapes() == [(n3, len(examples[3].answer_ids))] + [
@@ -78,6 +162,8 @@ def test_packed_logits_equal_padded(arch):
     padded = micro_batches(examples, 32, tokenizer.pad_token_id or 0)
     packed = packed_micro_batches(examples, 32, tokenizer.pad_token_id or 0)
     assert sum(b.input_ids.numel() for b in packed) < sum(b.input_ids.numel() for b in padded)
+    real_tokens = sum(len(e.input_ids) for e in examples)
+    assert sum(int(b.attention_mask.sum()) for b in packed) < real_tokens  # shared prefixes computed once
     with torch.no_grad():
         want = _by_example(torch.cat([answer_logits(model, b) for b in padded]), padded)
         got = _by_example(torch.cat([answer_logits(model, b) for b in packed]), packed)
@@ -192,6 +278,22 @@ def test_block_cache_meta_steps_equal_uncached(locality):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
     for p, q in zip(plain.bank.parameters(), cached.bank.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+
+
+def test_block_cache_resumes_a_prompt_in_another_tree():
+    """States stored from one row layout (prefixes shared with some prompts) resume another layout."""
+    tokenizer, model, examples = _setup("llama")
+    pad, records = tokenizer.pad_token_id or 0, [(0, i) for i in range(len(examples))]
+    first = collate_packed(examples, [list(range(len(examples)))], pad)  # one tree of all
+    second = collate_packed(examples, [[8, 3, 1], [6, 2, 5], [0, 7, 4]], pad)  # other companions
+    cache = BlockInputCache(block=2, budget_bytes=2**30)
+    logits = cache.logits_fn(model, "edit", records)
+    with torch.no_grad():
+        logits(first)
+        resumed = logits(second)
+        want = answer_logits(model, second)
+    assert (cache.misses, cache.hits) == (1, 1)
+    torch.testing.assert_close(resumed, want, rtol=1e-5, atol=1e-5)
 
 
 def test_block_cache_respects_its_budget():

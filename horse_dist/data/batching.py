@@ -13,15 +13,16 @@ from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
 
 @dataclass
 class TokenBatch:
-    """Right-padded rows of token ids. A row holds one sequence, or several back to back when packed
-    (`segment_ids` set): then each token attends only to earlier tokens of its own sequence, and positions
-    restart at 0 for every sequence."""
+    """Right-padded rows of token ids. A row holds one sequence, or when packed (`visible_until` set) a prefix
+    tree of several (data/packing.py): then a token sees only its ancestors, positions are depths."""
 
     input_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
     attention_mask: torch.Tensor  # (B, T) long: 1 at real tokens
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX at prompt and pad positions
-    example_ids: torch.Tensor  # (B,) long each row's edit index; packed: (B, T) each token's
-    segment_ids: torch.Tensor | None = None  # packed only: (B, T) sequence number within the row, -1 at pads
+    example_ids: (
+        torch.Tensor
+    )  # (B,) long each row's edit index; packed: (B, T) each token's (shared: the first)
+    visible_until: torch.Tensor | None = None  # packed only: (B, T) positions t..until-1 see token t
     position_ids: torch.Tensor | None = None  # packed only: (B, T) position within the token's sequence
 
     def to(self, device: torch.device | str) -> TokenBatch:
@@ -29,7 +30,7 @@ class TokenBatch:
 
     @property
     def packed(self) -> bool:
-        return self.segment_ids is not None
+        return self.visible_until is not None
 
     @property
     def num_answer_tokens(self) -> int:
@@ -41,30 +42,38 @@ class TokenBatch:
         ids_BT = self.example_ids if self.packed else self.example_ids.unsqueeze(1).expand_as(mask_BT)
         return mask_BT, self.labels[mask_BT], ids_BT[mask_BT]
 
-    def sequence_spans(self) -> list[tuple[int, int, int, int]]:
-        """(row, start, end, edit index) of every sequence, in row order."""
+    def sequence_positions(self) -> list[tuple[int, torch.Tensor, int]]:
+        """(row, positions (n,) of its tokens in order, edit index) of every sequence, in row order."""
         if not self.packed:
             lengths = self.attention_mask.sum(1).tolist()
             return [
-                (r, 0, int(n), int(e)) for r, (n, e) in enumerate(zip(lengths, self.example_ids.tolist()))
+                (r, torch.arange(int(n)), int(e))
+                for r, (n, e) in enumerate(zip(lengths, self.example_ids.tolist()))
             ]
-        spans = []
-        example_rows = self.example_ids.tolist()
-        for r, segments in enumerate(self.segment_ids.tolist()):
-            start = 0
-            for t in range(1, len(segments) + 1):
-                if t == len(segments) or segments[t] != segments[start]:
-                    if segments[start] >= 0:
-                        spans.append((r, start, t, example_rows[r][start]))
-                    start = t
-        return spans
+        sequences = []
+        steps = torch.arange(self.input_ids.shape[1])
+        real_BT = self.attention_mask.bool().cpu()
+        for r, (ids, until, real) in enumerate(
+            zip(self.example_ids.cpu(), self.visible_until.cpu(), real_BT)
+        ):
+            last_of = {}  # a sequence's last token is its own (an answer position): the leaf of its path
+            for t, e in enumerate(ids[real].tolist()):
+                last_of[e] = t
+            for e, last in sorted(last_of.items(), key=lambda item: item[1]):
+                on_path = (steps <= last) & (until > last) & real
+                sequences.append((r, steps[on_path], e))
+        return sequences
 
     def sequence_shapes(self) -> list[tuple[int, int]]:
-        """(length, answer tokens) of every sequence, in row order."""
+        """(tokens it adds to its row, answer tokens) of every sequence, in row order: the sequence's own
+        length unless it shares a prefix added by an earlier one."""
         answers_BT = (self.labels != IGNORE_INDEX).cpu()
-        return [
-            (end - start, int(answers_BT[r, start:end].sum())) for r, start, end, _ in self.sequence_spans()
-        ]
+        ids_BT = self.example_ids.cpu()
+        shapes = []
+        for r, positions, e in self.sequence_positions():
+            own = positions[ids_BT[r, positions] == e] if self.packed else positions
+            shapes.append((len(own), int(answers_BT[r, own].sum())))
+        return shapes
 
 
 def collate(examples: list[TokenizedExample], example_ids: list[int], pad_id: int) -> TokenBatch:

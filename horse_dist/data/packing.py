@@ -1,10 +1,16 @@
-"""Padding-free micro-batches: several sequences per row, each attending only to itself.
+"""Padding-free micro-batches: several sequences per row, shared prompt prefixes computed once.
 
 On a CPU a pass costs its padded token count. Rectangular batches of zsRE prompts (7 to 60 tokens) carry
 20-30 % padding even sorted by length; rows of 64 tokens packed first-fit-decreasing carry a few percent,
 and attention over 64 positions costs ~2 % of a SmolLM2 block's matmuls.
-Which sequence a token belongs to travels as `segment_ids`; `lm.passes.model_inputs` turns it into a
-block-diagonal causal mask and per-sequence positions, so every sequence sees exactly what it would alone.
+
+Prompts also start alike (zsRE: "What is the ...", every locality prompt "nq question: ..."). A row is a
+prefix tree laid out depth-first: sequences with the same leading tokens share those positions, each token
+sees its ancestors only and sits at its depth, so every sequence's logits are what it would get alone. Only
+positions no loss reads are shared (a prompt minus its last token): answer positions, hence key and
+gradient rows, stay one per sequence, and a shared token's gradient is the sum its sequences would give it.
+On 100 random zsRE records that drops 12 % of the edit prompts' tokens and 28 % of the locality prompts'.
+Which positions see a token travels as `visible_until`; `lm.passes.model_inputs` makes it a 4-D mask.
 """
 
 from __future__ import annotations
@@ -17,9 +23,104 @@ from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
 Plan = list[list[list[int]]]  # micro-batches -> rows -> example indices
 
 
+def shareable_length(example: TokenizedExample) -> int:
+    """Leading positions whose output no loss reads (their labels are IGNORE_INDEX)."""
+    for t, label in enumerate(example.labels):
+        if label != IGNORE_INDEX:
+            return t
+    return len(example.labels)
+
+
+class PrefixTree:
+    """Sequences as root-to-leaf paths; the shareable leading tokens of a sequence reuse existing nodes."""
+
+    def __init__(self, share: bool = True) -> None:
+        self.share = share
+        self.token: list[int] = []
+        self.label: list[int] = []
+        self.example: list[int] = []  # the sequence that added the node
+        self.depth: list[int] = []
+        self.children: dict[int, list[int]] = {-1: []}  # parent (-1: root) -> children in insertion order
+        self._shared: dict[tuple[int, int], int] = {}  # (parent, token) -> shareable node
+
+    def __len__(self) -> int:
+        return len(self.token)
+
+    def _walk(self, example: TokenizedExample) -> tuple[int, int]:
+        """(depth reached, node there) along existing shareable nodes."""
+        node, depth = -1, 0
+        limit = shareable_length(example) if self.share else 0
+        while depth < limit and (node, example.input_ids[depth]) in self._shared:
+            node = self._shared[(node, example.input_ids[depth])]
+            depth += 1
+        return depth, node
+
+    def cost(self, example: TokenizedExample) -> int:
+        """Nodes that adding `example` would create."""
+        return len(example.input_ids) - self._walk(example)[0]
+
+    def add(self, index: int, example: TokenizedExample) -> None:
+        depth, parent = self._walk(example)
+        limit = shareable_length(example) if self.share else 0
+        for t in range(depth, len(example.input_ids)):
+            node = len(self.token)
+            self.token.append(example.input_ids[t])
+            self.label.append(example.labels[t])
+            self.example.append(index)
+            self.depth.append(t)
+            self.children[parent].append(node)
+            self.children[node] = []
+            if t < limit:
+                self._shared[(parent, example.input_ids[t])] = node
+            parent = node
+
+    def layout(self) -> tuple[list[int], list[int]]:
+        """Nodes in depth-first pre-order, and for each (in that order) the end of its subtree: the
+        positions p..end-1 are the node and its descendants, i.e. exactly the tokens that see it."""
+        order: list[int] = []
+        stack = list(reversed(self.children[-1]))
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed(self.children[node]))
+        size = [1] * len(order)
+        for node in reversed(range(len(order))):  # children are created after their parents
+            for child in self.children[node]:
+                size[node] += size[child]
+        position = {node: p for p, node in enumerate(order)}
+        return order, [position[node] + size[node] for node in order]
+
+
+def tree_size(examples: list[TokenizedExample], indices: list[int], share: bool = True) -> int:
+    tree = PrefixTree(share)
+    for i in indices:
+        tree.add(i, examples[i])
+    return len(tree)
+
+
+def prefix_groups(examples: list[TokenizedExample], row_tokens: int) -> tuple[list[list[int]], list[int]]:
+    """Examples in token order, cut into groups that share a leading token and fit `row_tokens` as one
+    tree (a single longer sequence gets its own), with each group's tree size."""
+    order = sorted(range(len(examples)), key=lambda i: examples[i].input_ids)
+    groups: list[list[int]] = []
+    sizes: list[int] = []
+    tree = PrefixTree()
+    for i in order:
+        cost = tree.cost(examples[i])
+        if groups and cost < len(examples[i].input_ids) and sizes[-1] + cost <= row_tokens:
+            groups[-1].append(i)
+            sizes[-1] += cost
+        else:
+            tree = PrefixTree()
+            groups.append([i])
+            sizes.append(len(examples[i].input_ids))
+        tree.add(i, examples[i])
+    return groups, sizes
+
+
 def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
-    """First-fit decreasing: example indices per row, each row at most `row_tokens` long (a longer
-    sequence gets a row of its own). Deterministic: ties keep index order."""
+    """First-fit decreasing: item indices per row, each row at most `row_tokens` long (a longer item gets
+    a row of its own). Deterministic: ties keep index order."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     rows: list[list[int]] = []
     free: list[int] = []
@@ -35,26 +136,93 @@ def pack_rows(lengths: list[int], row_tokens: int) -> list[list[int]]:
     return rows
 
 
+def _place_cheapest(
+    trees: list[PrefixTree], rows: list[list[int]], index: int, example: TokenizedExample, row_tokens: int
+) -> None:
+    """Add a sequence to the row where it adds the fewest tokens and fits, or to a new row."""
+    best = None
+    for r, tree in enumerate(trees):
+        cost = tree.cost(example)
+        if len(tree) + cost <= row_tokens and (best is None or cost < best[0]):
+            best = (cost, r)
+    if best is None:
+        trees.append(PrefixTree())
+        rows.append([])
+        best = (0, len(trees) - 1)
+    trees[best[1]].add(index, example)
+    rows[best[1]].append(index)
+
+
+def pack_shared_rows(examples: list[TokenizedExample], row_tokens: int) -> list[list[int]]:
+    """Prefix groups packed first-fit decreasing by tree size; a group of more than half a row that fits no
+    open row is broken up, each sequence going where it adds the fewest tokens (whole large groups pack
+    badly: on zsRE this saves ~2 % of the rows)."""
+    groups, sizes = prefix_groups(examples, row_tokens)
+    trees: list[PrefixTree] = []
+    rows: list[list[int]] = []
+    for g in sorted(range(len(groups)), key=lambda g: -sizes[g]):
+        r = next((r for r, tree in enumerate(trees) if len(tree) + sizes[g] <= row_tokens), None)
+        if r is None and trees and sizes[g] > row_tokens // 2:
+            for i in groups[g]:
+                _place_cheapest(trees, rows, i, examples[i], row_tokens)
+            continue
+        if r is None:
+            trees.append(PrefixTree())
+            rows.append([])
+            r = len(trees) - 1
+        for i in groups[g]:
+            trees[r].add(i, examples[i])
+            rows[r].append(i)
+    return rows
+
+
+# Row lengths tried when none is configured, and the price of attending over longer rows: measured on
+# SmolLM2 on 2 CPU cores, a token in a 128-position row costs 5 % more than in a 64-position one.
+ROW_CANDIDATES = (64, 80, 96, 112, 128)
+ATTENTION_COST_PER_POSITION = 1 / 1200
+
+
+def packed_rows(
+    examples: list[TokenizedExample], row_tokens: int, share: bool
+) -> tuple[list[list[int]], int]:
+    """Rows of example indices and the row length: `row_tokens` (the longest sequence, if longer), or with
+    0 the candidate length whose rows cost least. Longer rows leave less of a row empty and let more
+    prompts share prefixes; they cost a little more attention per token."""
+    longest = max(len(example.input_ids) for example in examples)
+    options = []
+    for length in (row_tokens,) if row_tokens > 0 else ROW_CANDIDATES:
+        length = max(length, longest)
+        if share:
+            rows = pack_shared_rows(examples, length)
+        else:
+            rows = pack_rows([len(example.input_ids) for example in examples], length)
+        cost = len(rows) * length * (1 + length * ATTENTION_COST_PER_POSITION)
+        options.append((cost, length, rows))
+    _, length, rows = min(options, key=lambda option: option[:2])
+    return rows, length
+
+
 def packed_plan(
     examples: list[TokenizedExample],
     max_rows: int,
     max_tokens: int = 0,
     min_batches: int = 0,
-    row_tokens: int = 64,
+    row_tokens: int = 0,
+    share: bool = True,
 ) -> Plan:
-    """Rows of `row_tokens` (the longest sequence, if longer) packed first-fit decreasing, grouped into
-    micro-batches of at most `max_rows` rows and `max_tokens` padded tokens (0: no limit). `min_batches`
-    splits the largest micro-batches (by rows, then a lone row by its sequences) until there are that many:
-    ZeRO-3 workers must run equal numbers of passes."""
+    """`packed_rows` (prefix trees with `share`, else one sequence after another; `row_tokens` 0: the
+    cheapest candidate length) grouped into micro-batches of at most `max_rows` rows
+    and `max_tokens` padded tokens (0: no limit). `min_batches` splits the largest micro-batches (by rows,
+    then a lone row by its sequences) until there are that many: ZeRO-3 workers must run equal numbers of
+    passes."""
     if max_rows < 1:
         raise ValueError(f"max_rows must be >= 1, got {max_rows}")
     check_min_batches(len(examples), min_batches)
     if not examples:
         return []
-    lengths = [len(example.input_ids) for example in examples]
-    row_tokens = max(row_tokens, max(lengths))
+    rows, row_tokens = packed_rows(examples, row_tokens, share)
     plan: Plan = []
-    for row in pack_rows(lengths, row_tokens):
+    for row in rows:
         if plan:
             batch = plan[-1]
             fits_tokens = max_tokens <= 0 or row_tokens * (len(batch) + 1) <= max_tokens
@@ -74,31 +242,36 @@ def packed_plan(
     return plan
 
 
-def collate_packed(examples: list[TokenizedExample], rows: list[list[int]], pad_id: int) -> TokenBatch:
+def collate_packed(
+    examples: list[TokenizedExample], rows: list[list[int]], pad_id: int, share: bool = True
+) -> TokenBatch:
     """One packed micro-batch; `rows` holds indices into `examples`, which are also the edit indices."""
     if not rows or not all(rows):
         raise ValueError("a packed micro-batch needs at least one row and no empty rows")
-    length = max(sum(len(examples[i].input_ids) for i in row) for row in rows)
+    trees = []
+    for row in rows:
+        tree = PrefixTree(share)
+        for i in row:
+            tree.add(i, examples[i])
+        trees.append(tree)
+    length = max(map(len, trees))
     shape = (len(rows), length)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
     labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
     attention_mask = torch.zeros(shape, dtype=torch.long)
     example_ids = torch.zeros(shape, dtype=torch.long)
-    segment_ids = torch.full(shape, -1, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)
-    for r, row in enumerate(rows):
-        start = 0
-        for segment, i in enumerate(row):
-            example = examples[i]
-            end = start + len(example.input_ids)
-            input_ids[r, start:end] = torch.tensor(example.input_ids)
-            labels[r, start:end] = torch.tensor(example.labels)
-            attention_mask[r, start:end] = 1
-            example_ids[r, start:end] = i
-            segment_ids[r, start:end] = segment
-            position_ids[r, start:end] = torch.arange(end - start)
-            start = end
-    return TokenBatch(input_ids, attention_mask, labels, example_ids, segment_ids, position_ids)
+    visible_until = torch.arange(1, length + 1).repeat(len(rows), 1)  # a pad sees itself only
+    for r, tree in enumerate(trees):
+        order, ends = tree.layout()
+        n = len(order)
+        input_ids[r, :n] = torch.tensor([tree.token[node] for node in order])
+        labels[r, :n] = torch.tensor([tree.label[node] for node in order])
+        attention_mask[r, :n] = 1
+        example_ids[r, :n] = torch.tensor([tree.example[node] for node in order])
+        position_ids[r, :n] = torch.tensor([tree.depth[node] for node in order])
+        visible_until[r, :n] = torch.tensor(ends)
+    return TokenBatch(input_ids, attention_mask, labels, example_ids, visible_until, position_ids)
 
 
 def packed_micro_batches(
@@ -107,7 +280,8 @@ def packed_micro_batches(
     pad_id: int,
     max_tokens: int = 0,
     min_batches: int = 0,
-    row_tokens: int = 64,
+    row_tokens: int = 0,
+    share: bool = True,
 ) -> list[TokenBatch]:
-    plan = packed_plan(examples, max_rows, max_tokens, min_batches, row_tokens)
-    return [collate_packed(examples, rows, pad_id) for rows in plan]
+    plan = packed_plan(examples, max_rows, max_tokens, min_batches, row_tokens, share)
+    return [collate_packed(examples, rows, pad_id, share) for rows in plan]

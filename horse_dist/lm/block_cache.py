@@ -18,7 +18,7 @@ from horse_dist.lm.passes import Logits, answer_logits
 
 Record = tuple[int, int]  # (pool id, index in the pool)
 Key = tuple[str, Record]  # (prompt kind, record)
-Span = tuple[int, int, int, int]  # (row, start, end, edit index) of a sequence in a batch
+Sequence = tuple[int, torch.Tensor, int]  # (row, positions, edit index) of a sequence in a batch
 
 
 class BlockInputCache:
@@ -40,35 +40,35 @@ class BlockInputCache:
         """answer_logits for batches of `kind` prompts whose edit index e is the record records[e]."""
 
         def logits(batch: TokenBatch) -> torch.Tensor:
-            spans = batch.sequence_spans()
-            keys = [(kind, records[e]) for *_, e in spans]
+            sequences = batch.sequence_positions()
+            keys = [(kind, records[e]) for *_, e in sequences]
             if all(key in self._states for key in keys):
                 self.hits += 1
-                return self._resume(model, batch, spans, keys)
+                return self._resume(model, batch, sequences, keys)
             self.misses += 1
             with capturing_block_input(model, self.block) as captured:
                 out = answer_logits(model, batch)
-            self._store(spans, keys, captured[0])
+            self._store(sequences, keys, captured[0])
             return out
 
         return logits
 
     def _resume(
-        self, model: nn.Module, batch: TokenBatch, spans: list[Span], keys: list[Key]
+        self, model: nn.Module, batch: TokenBatch, sequences: list[Sequence], keys: list[Key]
     ) -> torch.Tensor:
         dtype = model.get_input_embeddings().weight.dtype
         hidden_BTH = torch.zeros(*batch.input_ids.shape, self._states[keys[0]].shape[-1], dtype=dtype)
-        for (row, start, end, _), key in zip(spans, keys):
-            hidden_BTH[row, start:end] = self._states[key]
+        for (row, positions, _), key in zip(sequences, keys):
+            hidden_BTH[row, positions] = self._states[key]  # a shared prefix is written once per sequence
         with blocks_from(model, self.block):
             return answer_logits(model, batch, hidden_BTH.to(batch.input_ids.device))
 
-    def _store(self, spans: list[Span], keys: list[Key], hidden_BTH: torch.Tensor) -> None:
+    def _store(self, sequences: list[Sequence], keys: list[Key], hidden_BTH: torch.Tensor) -> None:
         hidden_BTH = hidden_BTH.cpu()  # one device-to-host copy per batch, not one per sequence
-        for (row, start, end, _), key in zip(spans, keys):
+        for (row, positions, _), key in zip(sequences, keys):
             if key in self._states:
                 continue
-            state = hidden_BTH[row, start:end].clone()  # a view would keep the whole batch alive
+            state = hidden_BTH[row, positions]  # a copy (advanced indexing): the batch is not kept alive
             size = state.numel() * state.element_size()
             if self.bytes + size > self.budget_bytes:
                 return

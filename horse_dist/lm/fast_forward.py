@@ -1,7 +1,7 @@
 """Shortcuts through the frozen LM that are exact, enabled only for the architectures where tests show so.
 
-- Packed rows (`data.packing`): several sequences per row with a block-diagonal causal 4-D mask and
-  per-sequence positions. Families that derive anything else from a 2-D mask (ALiBi in BLOOM/Falcon) or
+- Packed rows (`data.packing`): several sequences per row, shared prompt prefixes once, a 4-D mask that
+  lets a token see its ancestors only, and per-sequence positions. Families that derive anything else from a 2-D mask (ALiBi in BLOOM/Falcon) or
   treat a 4-D mask differently per layer are left out.
 - Resuming at a block: the blocks below the lowest edited one are frozen and unshifted, so the hidden
   states entering it are a fixed function of the prompt; a pass that has them runs only the blocks above,
@@ -26,14 +26,14 @@ PACKABLE = frozenset({"llama", "mistral", "gptj", "gpt2"})
 RESUMABLE = frozenset({"llama", "mistral", "gptj"})
 
 
-def packed_attention_mask(segment_ids_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T) additive mask: a token sees earlier tokens of its own sequence only, pad positions only
-    pads (a finite minimum, not -inf, keeps every softmax finite)."""
-    T = segment_ids_BT.shape[1]
-    causal_TT = torch.ones(T, T, dtype=torch.bool, device=segment_ids_BT.device).tril()
-    same_BTT = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
-    allowed_BTT = same_BTT & causal_TT
-    mask = torch.zeros(allowed_BTT.shape, dtype=dtype, device=segment_ids_BT.device)
+def packed_attention_mask(visible_until_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive mask: position i sees position j iff j <= i < visible_until[j] (its ancestors in
+    the row's prefix tree, itself included; a pad sees itself only). A finite minimum, not -inf, keeps every
+    softmax finite."""
+    steps = torch.arange(visible_until_BT.shape[1], device=visible_until_BT.device)
+    seen_after_j = steps[None, :, None] >= steps[None, None, :]  # (1, T_i, T_j)
+    allowed_BTT = seen_after_j & (steps[None, :, None] < visible_until_BT[:, None, :])
+    mask = torch.zeros(allowed_BTT.shape, dtype=dtype, device=visible_until_BT.device)
     return mask.masked_fill_(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
 
 

@@ -36,7 +36,7 @@ def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]
     dtype = model.get_input_embeddings().weight.dtype
     return {
         "input_ids": batch.input_ids,
-        "attention_mask": packed_attention_mask(batch.segment_ids, dtype),
+        "attention_mask": packed_attention_mask(batch.visible_until, dtype),
         "position_ids": batch.position_ids,
         "use_cache": False,
     }
