@@ -16,6 +16,8 @@ from typing import Any, BinaryIO, Protocol
 import numpy as np
 import torch
 
+from horse_dist.signals import sigterm_deferred
+
 CHECKPOINT_NAME = "checkpoint.pt"
 
 
@@ -26,11 +28,12 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with sigterm_deferred():  # a SIGTERM now exits after the rename, with the new file complete
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

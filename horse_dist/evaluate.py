@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from horse_dist.build import build_engine, load_data
     from horse_dist.checkpoint import load_checkpoint
     from horse_dist.config import ConfigError, load_config_with_extras
-    from horse_dist.tracking import exit_on_sigterm
+    from horse_dist.signals import exit_on_sigterm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_on_sigterm()

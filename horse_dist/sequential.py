@@ -37,7 +37,8 @@ from horse_dist.config import (
 from horse_dist.data import TokenizedExample, TokenizedRecords, micro_batches
 from horse_dist.editors import HYPERNET_METHODS, METHODS, Editor
 from horse_dist.lm.passes import PassResult, score_pass
-from horse_dist.tracking import Tracker, exit_on_sigterm, experiment_name, make_tracker, run_tags
+from horse_dist.signals import exit_on_sigterm
+from horse_dist.tracking import Tracker, experiment_name, make_tracker, run_tags
 from horse_dist.weight_stats import module_weight_stats, relative_change
 
 log = logging.getLogger("horse_dist.sequential")

@@ -117,7 +117,7 @@ def run_methods_sweep(config_file: str | None, overrides: list[str], methods: li
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from horse_dist.tracking import exit_on_sigterm
+    from horse_dist.signals import exit_on_sigterm
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_on_sigterm()

@@ -12,7 +12,6 @@ import logging
 import os
 import queue
 import re
-import signal
 import tempfile
 import threading
 import time
@@ -59,19 +58,6 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
-
-
-def exit_on_sigterm() -> None:
-    """Turn SIGTERM (pod deletion, `ray job stop`, `kill`) into SystemExit in the main thread, so the entry
-    points' `except BaseException` closes the MLflow run as FAILED instead of leaving it RUNNING forever.
-    Checkpoints are written atomically, so the last good one survives either way."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def handler(signum, _frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def git_commit(start: str | Path | None = None) -> str:

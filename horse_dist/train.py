@@ -31,9 +31,9 @@ from horse_dist.config import ConfigError, RunConfig, flatten, load_config, spli
 from horse_dist.data import meta_batch_indices, shard_slice
 from horse_dist.dist.world import LocalWorld
 from horse_dist.evaluate import evaluate_pool, format_table
+from horse_dist.signals import exit_on_sigterm
 from horse_dist.tracking import (
     Tracker,
-    exit_on_sigterm,
     experiment_name,
     make_tracker,
     registered_model_name,

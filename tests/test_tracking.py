@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,9 @@ import torch
 from mlflow import MlflowClient
 
 from horse_dist import compare, evaluate, train
+from horse_dist.checkpoint import atomic_write
 from horse_dist.config import ConfigError
+from horse_dist.signals import exit_on_sigterm
 from horse_dist.tiny.models import save_tiny_model
 from horse_dist.tracking import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
 
@@ -303,6 +306,30 @@ def test_a_real_mlflow_server_receives_a_run_over_http(tiny, server, tmp_path):
     assert list((folder / "artifacts").rglob("checkpoint.pt"))  # proxied to the server's artifact root
     (version,) = client.search_model_versions("name = 'horse_dist-llama-horse'")
     assert version.run_id == run.info.run_id
+
+
+def test_a_sigterm_during_a_checkpoint_write_exits_right_after_it(tmp_path):
+    """Raised inside torch.save's zip writer, the exit used to turn into the writer's own error (status 1)."""
+    path = tmp_path / "checkpoint.pt"
+
+    def write_and_get_killed(handle):
+        handle.write(b"first half, ")
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs now, in this thread, and only takes note
+        handle.write(b"second half")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    exit_on_sigterm()
+    try:
+        with pytest.raises(SystemExit) as deferred:
+            atomic_write(path, write_and_get_killed)
+        with pytest.raises(SystemExit) as immediate:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert deferred.value.code == immediate.value.code == 128 + signal.SIGTERM
+    assert path.read_bytes() == b"first half, second half"  # written whole and renamed into place
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
 def test_sigterm_closes_the_run_as_failed_and_keeps_the_checkpoint(tiny, tmp_path):

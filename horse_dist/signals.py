@@ -1,0 +1,48 @@
+"""SIGTERM (pod deletion, `ray job stop`, `kill`) as a clean exit that never cuts a checkpoint write in half."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_pending: list[int] = []  # signals that arrived inside a deferred block
+_deferring = 0  # nesting depth of sigterm_deferred blocks in the main thread
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit(143) in the main thread, so the entry points' `except BaseException`
+    closes the MLflow run as FAILED instead of leaving it RUNNING forever. Inside `sigterm_deferred` the exit
+    waits for the block's end: an exception raised inside a serialiser's zip writer would replace the
+    SystemExit with the writer's own error (and exit status 1)."""
+    if not _in_main_thread():
+        return
+
+    def handler(signum, _frame):
+        if _deferring:
+            _pending.append(signum)
+            return
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """A SIGTERM arriving inside the block exits when the block ends (main thread; elsewhere a no-op)."""
+    global _deferring
+    if not _in_main_thread():
+        yield
+        return
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+        if not _deferring and _pending:
+            raise SystemExit(128 + _pending.pop())
