@@ -68,7 +68,9 @@ def test_bad_choice_and_nonpositive_values():
         load_config(overrides=["method.spread=diagonal"])
     with pytest.raises(ConfigError, match="data.n_edits must be positive"):
         load_config(overrides=["data.n_edits=0"])
-    with pytest.raises(ConfigError, match=r"data.pack_row_tokens must be >= 0 \(0: chosen per plan\), got -1"):
+    with pytest.raises(
+        ConfigError, match=r"data.pack_row_tokens must be >= 0 \(0: chosen per plan\), got -1"
+    ):
         load_config(overrides=["data.pack_row_tokens=-1"])
 
 

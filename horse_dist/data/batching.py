@@ -19,9 +19,7 @@ class TokenBatch:
     input_ids: torch.Tensor  # (B, T) long, right-padded with the pad id
     attention_mask: torch.Tensor  # (B, T) long: 1 at real tokens
     labels: torch.Tensor  # (B, T) long, IGNORE_INDEX at prompt and pad positions
-    example_ids: (
-        torch.Tensor
-    )  # (B,) long each row's edit index; packed: (B, T) each token's (shared: the first)
+    example_ids: torch.Tensor  # (B,) each row's edit index; packed: (B, T) each token's (shared: the first's)
     visible_until: torch.Tensor | None = None  # packed only: (B, T) positions t..until-1 see token t
     position_ids: torch.Tensor | None = None  # packed only: (B, T) position within the token's sequence
 

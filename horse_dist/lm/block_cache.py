@@ -18,7 +18,7 @@ from horse_dist.lm.passes import Logits, answer_logits
 
 Record = tuple[int, int]  # (pool id, index in the pool)
 Key = tuple[str, Record]  # (prompt kind, record)
-Sequence = tuple[int, torch.Tensor, int]  # (row, positions, edit index) of a sequence in a batch
+SequenceAt = tuple[int, torch.Tensor, int]  # (row, positions, edit index) of a sequence in a batch
 
 
 class BlockInputCache:
@@ -54,7 +54,7 @@ class BlockInputCache:
         return logits
 
     def _resume(
-        self, model: nn.Module, batch: TokenBatch, sequences: list[Sequence], keys: list[Key]
+        self, model: nn.Module, batch: TokenBatch, sequences: list[SequenceAt], keys: list[Key]
     ) -> torch.Tensor:
         dtype = model.get_input_embeddings().weight.dtype
         hidden_BTH = torch.zeros(*batch.input_ids.shape, self._states[keys[0]].shape[-1], dtype=dtype)
@@ -63,7 +63,7 @@ class BlockInputCache:
         with blocks_from(model, self.block):
             return answer_logits(model, batch, hidden_BTH.to(batch.input_ids.device))
 
-    def _store(self, sequences: list[Sequence], keys: list[Key], hidden_BTH: torch.Tensor) -> None:
+    def _store(self, sequences: list[SequenceAt], keys: list[Key], hidden_BTH: torch.Tensor) -> None:
         hidden_BTH = hidden_BTH.cpu()  # one device-to-host copy per batch, not one per sequence
         for (row, positions, _), key in zip(sequences, keys):
             if key in self._states:

@@ -1,8 +1,8 @@
 """Shortcuts through the frozen LM that are exact, enabled only for the architectures where tests show so.
 
 - Packed rows (`data.packing`): several sequences per row, shared prompt prefixes once, a 4-D mask that
-  lets a token see its ancestors only, and per-sequence positions. Families that derive anything else from a 2-D mask (ALiBi in BLOOM/Falcon) or
-  treat a 4-D mask differently per layer are left out.
+  lets a token see its ancestors only, and per-sequence positions. Families that derive anything else
+  from a 2-D mask (ALiBi in BLOOM/Falcon) or treat a 4-D mask differently per layer are left out.
 - Resuming at a block: the blocks below the lowest edited one are frozen and unshifted, so the hidden
   states entering it are a fixed function of the prompt; a pass that has them runs only the blocks above,
   fed as `inputs_embeds`. Valid where the embeddings enter block 0 unchanged (no scaling, no added
@@ -31,8 +31,8 @@ def packed_attention_mask(visible_until_BT: torch.Tensor, dtype: torch.dtype) ->
     the row's prefix tree, itself included; a pad sees itself only). A finite minimum, not -inf, keeps every
     softmax finite."""
     steps = torch.arange(visible_until_BT.shape[1], device=visible_until_BT.device)
-    seen_after_j = steps[None, :, None] >= steps[None, None, :]  # (1, T_i, T_j)
-    allowed_BTT = seen_after_j & (steps[None, :, None] < visible_until_BT[:, None, :])
+    causal_1TT = steps[None, :, None] >= steps[None, None, :]  # [0, i, j]: j <= i
+    allowed_BTT = causal_1TT & (steps[None, :, None] < visible_until_BT[:, None, :])
     mask = torch.zeros(allowed_BTT.shape, dtype=dtype, device=visible_until_BT.device)
     return mask.masked_fill_(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
 
