@@ -7,13 +7,13 @@ from horse_dist.build import build_engine, load_data
 from horse_dist.config import ConfigError, load_config
 from horse_dist.data import micro_batches, tokenize_examples
 from horse_dist.data.packing import (
+    PrefixTree,
     collate_packed,
     pack_rows,
     packed_micro_batches,
     packed_plan,
     packed_rows,
     shareable_length,
-    tree_size,
 )
 from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
 from horse_dist.lm.block_cache import BlockInputCache
@@ -90,6 +90,13 @@ def test_packed_plan_limits_rows_tokens_and_splits_for_lockstep():
         assert len(split) == n and all(sum(map(len, batch)) == 1 for batch in split)
     with pytest.raises(ValueError, match=f"cannot make {n + 1} micro-batches of {n} examples"):
         packed_plan(examples, 32, min_batches=n + 1)
+
+
+def tree_size(examples: list[TokenizedExample], indices: list[int], share: bool = True) -> int:
+    tree = PrefixTree(share)
+    for i in indices:
+        tree.add(i, examples[i])
+    return len(tree)
 
 
 def _example(input_ids: list[int], n_answer: int) -> TokenizedExample:

@@ -91,13 +91,6 @@ class PrefixTree:
         return order, [position[node] + size[node] for node in order]
 
 
-def tree_size(examples: list[TokenizedExample], indices: list[int], share: bool = True) -> int:
-    tree = PrefixTree(share)
-    for i in indices:
-        tree.add(i, examples[i])
-    return len(tree)
-
-
 def prefix_groups(examples: list[TokenizedExample], row_tokens: int) -> tuple[list[list[int]], list[int]]:
     """Examples in token order, cut into groups that share a leading token and fit `row_tokens` as one
     tree (a single longer sequence gets its own), with each group's tree size."""
