@@ -36,56 +36,51 @@ class PrefixTree:
 
     def __init__(self, share: bool = True) -> None:
         self.share = share
-        self.token: list[int] = []
-        self.label: list[int] = []
-        self.example: list[int] = []  # the sequence that added the node
-        self.depth: list[int] = []
-        self.children: dict[int, list[int]] = {-1: []}  # parent (-1: root) -> children in insertion order
+        self.nodes: list[tuple[int, int, int, int]] = []  # (token, label, sequence that added it, depth)
+        self.children: dict[int, list[int]] = {}  # parent (-1: root) -> children in insertion order
         self._shared: dict[tuple[int, int], int] = {}  # (parent, token) -> shareable node
 
     def __len__(self) -> int:
-        return len(self.token)
+        return len(self.nodes)
 
-    def _walk(self, example: TokenizedExample) -> tuple[int, int]:
-        """(depth reached, node there) along existing shareable nodes."""
+    def _walk(self, input_ids: list[int], limit: int) -> tuple[int, int]:
+        """(depth reached, node there) along existing shareable nodes, at most `limit` deep."""
         node, depth = -1, 0
-        limit = shareable_length(example) if self.share else 0
-        while depth < limit and (node, example.input_ids[depth]) in self._shared:
-            node = self._shared[(node, example.input_ids[depth])]
+        while depth < limit and (node, input_ids[depth]) in self._shared:
+            node = self._shared[(node, input_ids[depth])]
             depth += 1
         return depth, node
 
+    def _limit(self, example: TokenizedExample) -> int:
+        return shareable_length(example) if self.share else 0
+
     def cost(self, example: TokenizedExample) -> int:
         """Nodes that adding `example` would create."""
-        return len(example.input_ids) - self._walk(example)[0]
+        return len(example.input_ids) - self._walk(example.input_ids, self._limit(example))[0]
 
     def add(self, index: int, example: TokenizedExample) -> None:
-        depth, parent = self._walk(example)
-        limit = shareable_length(example) if self.share else 0
-        for t in range(depth, len(example.input_ids)):
-            node = len(self.token)
-            self.token.append(example.input_ids[t])
-            self.label.append(example.labels[t])
-            self.example.append(index)
-            self.depth.append(t)
-            self.children[parent].append(node)
-            self.children[node] = []
+        ids, labels, limit = example.input_ids, example.labels, self._limit(example)
+        depth, parent = self._walk(ids, limit)
+        for t in range(depth, len(ids)):
+            node = len(self.nodes)
+            self.nodes.append((ids[t], labels[t], index, t))
+            self.children.setdefault(parent, []).append(node)
             if t < limit:
-                self._shared[(parent, example.input_ids[t])] = node
+                self._shared[(parent, ids[t])] = node
             parent = node
 
     def layout(self) -> tuple[list[int], list[int]]:
         """Nodes in depth-first pre-order, and for each (in that order) the end of its subtree: the
         positions p..end-1 are the node and its descendants, i.e. exactly the tokens that see it."""
         order: list[int] = []
-        stack = list(reversed(self.children[-1]))
+        stack = list(reversed(self.children.get(-1, [])))
         while stack:
             node = stack.pop()
             order.append(node)
-            stack.extend(reversed(self.children[node]))
+            stack.extend(reversed(self.children.get(node, [])))
         size = [1] * len(order)
         for node in reversed(range(len(order))):  # children are created after their parents
-            for child in self.children[node]:
+            for child in self.children.get(node, []):
                 size[node] += size[child]
         position = {node: p for p, node in enumerate(order)}
         return order, [position[node] + size[node] for node in order]
@@ -258,11 +253,12 @@ def collate_packed(
     for r, tree in enumerate(trees):
         order, ends = tree.layout()
         n = len(order)
-        input_ids[r, :n] = torch.tensor([tree.token[node] for node in order])
-        labels[r, :n] = torch.tensor([tree.label[node] for node in order])
+        tokens, row_labels, sequences, depths = zip(*(tree.nodes[node] for node in order))
+        input_ids[r, :n] = torch.tensor(tokens)
+        labels[r, :n] = torch.tensor(row_labels)
         attention_mask[r, :n] = 1
-        example_ids[r, :n] = torch.tensor([tree.example[node] for node in order])
-        position_ids[r, :n] = torch.tensor([tree.depth[node] for node in order])
+        example_ids[r, :n] = torch.tensor(sequences)
+        position_ids[r, :n] = torch.tensor(depths)
         visible_until[r, :n] = torch.tensor(ends)
     return TokenBatch(input_ids, attention_mask, labels, example_ids, visible_until, position_ids)
 
