@@ -27,6 +27,11 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     edit_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
     n_edit_layers: int = 6
+    # answer_tail: above the lowest edited block the cache pass runs the prompts' leading tokens without a
+    # graph and the backward at the answer positions only (lm/answer_tail.py; exact); full: one plain pass.
+    # auto: answer_tail on a CPU for the families where it is tested (lm/fast_forward.py RESUMABLE), not
+    # under ZeRO-3
+    cache_pass: str = "auto"
 
 
 @dataclass
@@ -210,6 +215,7 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.cache_pass": ("auto", "answer_tail", "full"),
     "data.target": ("new", "true"),
     "data.packing": ("auto", "packed", "padded"),
     "data.format": ("auto", "zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat"),

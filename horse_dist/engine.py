@@ -17,10 +17,26 @@ from horse_dist.data import TokenBatch, TokenizedRecords, collate, micro_batch_p
 from horse_dist.data.packing import collate_packed, packed_plan
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
+from horse_dist.lm.answer_tail import tail_answer_logits
 from horse_dist.lm.block_cache import BlockInputCache
-from horse_dist.lm.fast_forward import RESUMABLE, use_packing
+from horse_dist.lm.fast_forward import (
+    RESUMABLE,
+    HiddenStates,
+    hidden_entering_block,
+    use_answer_tail,
+    use_packing,
+)
 from horse_dist.lm.hooks import EditHooks
-from horse_dist.lm.passes import CacheResult, Logits, cache_pass, loss_pass, score_pass
+from horse_dist.lm.passes import (
+    CacheResult,
+    Logits,
+    cache_pass,
+    loss_pass,
+    model_inputs,
+    recording,
+    resumed_answer_logits,
+    score_pass,
+)
 from horse_dist.lm.registry import layer_index, model_type, module_shape
 from horse_dist.pipeline import (
     HyperNetBank,
@@ -68,10 +84,14 @@ class EditEngine:
         # changes speed and memory (large ones fill a GPU), never the result.
         self.micro_batch_rows = cfg.data.micro_batch_size or cfg.data.batch_size
         self.packing = use_packing(cfg.data.packing, model, device)
+        zero_stage = cfg.dist.zero_stage if cfg.dist.backend == "ray" else 0
+        self.answer_tail = use_answer_tail(cfg.model.cache_pass, model, device, zero_stage)
+        resumable = model_type(model) in RESUMABLE
+        # the blocks below it are frozen and never shifted (where passes may resume)
+        self.lowest_block = min(layer_index(name) for name in self.module_names) if resumable else 0
         self.block_cache: BlockInputCache | None = None
-        if cfg.train.block_cache_gb > 0 and model_type(model) in RESUMABLE:
-            lowest = min(layer_index(name) for name in self.module_names)
-            self.block_cache = BlockInputCache(lowest, int(cfg.train.block_cache_gb * 2**30))
+        if cfg.train.block_cache_gb > 0 and resumable:
+            self.block_cache = BlockInputCache(self.lowest_block, int(cfg.train.block_cache_gb * 2**30))
 
     # ---- data -------------------------------------------------------------------------------------------
     def micro_batches(self, examples: list, min_batches: int = 0) -> list[TokenBatch]:
@@ -113,20 +133,41 @@ class EditEngine:
         return [int(v) for v in self.world.all_reduce_sum(table).max(dim=0).values]
 
     # ---- editing ----------------------------------------------------------------------------------------
-    def cache(self, batches: EditBatches, logits_fn: Logits | None = None) -> CacheResult:
-        cache = cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale, logits_fn)
+    def cache(self, batches: EditBatches, hidden_fn: HiddenStates | None = None) -> CacheResult:
+        """K, G and the unedited loss of the edit prompts. `hidden_fn` gives the states entering the lowest
+        edited block (the block-input cache's); without it the blocks below run."""
+        if self.answer_tail:
+            hidden = hidden_fn or self._hidden_below
+
+            def recorded(batch: TokenBatch) -> torch.Tensor:
+                return tail_answer_logits(self.model, self.hooks, batch, hidden(batch), self.lowest_block)
+
+        elif hidden_fn is not None:
+            recorded = recording(self.hooks, self._resumed(hidden_fn))
+        else:
+            recorded = None  # the plain full pass
+        cache = cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale, recorded)
         return spill_over_budget(cache, self.cfg.dist.cache_budget_gb)  # unchanged within the budget
 
-    def training_logits(self, batches: EditBatches) -> dict[str, Logits | None]:
-        """Per prompt kind, the logits function of the training passes: through the block-input cache where
-        there is one (not under ZeRO-3: its partitioned blocks are fetched in traced module order)."""
+    def training_sources(self, batches: EditBatches) -> dict[str, HiddenStates | None]:
+        """Per prompt kind, where the training passes get the states entering the lowest edited block: the
+        block-input cache where there is one (not under ZeRO-3: its partitioned blocks are fetched in traced
+        module order); None: they run the blocks below."""
         usable = self.block_cache is not None and batches.records is not None
         if self.deepspeed is not None and self.deepspeed.zero_stage == 3:
             usable = False
         kinds = ("edit", "equiv", "unrel")
         if not usable:
             return dict.fromkeys(kinds)
-        return {kind: self.block_cache.logits_fn(self.model, kind, batches.records) for kind in kinds}
+        return {kind: self.block_cache.hidden_fn(self.model, kind, batches.records) for kind in kinds}
+
+    def _hidden_below(self, batch: TokenBatch) -> torch.Tensor:
+        return hidden_entering_block(self.model, model_inputs(self.model, batch), self.lowest_block)
+
+    def _resumed(self, hidden_fn: HiddenStates | None) -> Logits | None:
+        if hidden_fn is None:
+            return None
+        return lambda b: resumed_answer_logits(self.model, b, hidden_fn(b), self.lowest_block)
 
     def predict(
         self,
@@ -171,9 +212,9 @@ class EditEngine:
         """One meta-step on this worker's slice; returns metrics summed over this worker's edits."""
         method, timer = self.cfg.method, PhaseTimer()
         optimizer.zero_grad(set_to_none=False)
-        logits_fns = self.training_logits(batches)
+        sources = self.training_sources(batches)
         with timer("cache"):
-            cache = self.cache(batches, logits_fns["edit"])
+            cache = self.cache(batches, sources["edit"])
         prediction = self.predict(cache, learn_statistics=True, timer=timer, keep_graph=True)
         shifts = [s.detach().clone().requires_grad_(True) for s in prediction.shifts]
         with timer("generalisation"):
@@ -185,7 +226,7 @@ class EditEngine:
                 batches.n_edits,
                 "ce",
                 1.0 / self.loss_scale,
-                logits_fns["equiv"],
+                self._resumed(sources["equiv"]),
             )
         with timer("locality"):
             loc = loss_pass(
@@ -196,7 +237,7 @@ class EditEngine:
                 batches.n_edits,
                 method.locality,
                 method.loc_coef / self.loss_scale,
-                logits_fns["unrel"],
+                self._resumed(sources["unrel"]),
             )
         grad_shifts = [s.grad if s.grad is not None else torch.zeros_like(s) for s in shifts]
         meta_backward(self.bank, cache.keys, cache.grads, prediction, grad_shifts, method, self.world, timer)

@@ -12,7 +12,8 @@ What the passes do (horse_dist/lm/passes.py, hooks.py), with l0 = the lowest edi
   query width) per layer; 2·H·V per answer position;
 - the backward of the cache pass starts at l0's edited-module output (the hook detaches there) and only
   input-gradients are formed (the LM is frozen): head input-grad 2·H·V per answer position; layers above l0
-  cost their forward matmuls again (dx = dy Wᵀ) plus 8·T·q for attention (dS, dV, dQ, dK);
+  cost their forward matmuls again (dx = dy Wᵀ) plus 8·T·q for attention (dS, dV, dQ, dK), at the answer
+  positions only (the loss reaches them through answer positions alone: lm/answer_tail.py);
 - the loss passes add x S_l (I×O, float32) in every edited layer: forward 2·I·O per padded token; backward
   S_l.grad (xᵀ dy, 2·I·O per token) in every edited layer and dx through S (2·I·O) in the layers above l0;
 - locality "kl" adds a no-grad reference forward.
@@ -105,13 +106,17 @@ def lm_forward_flops(shape: LMShape, batches: list[BatchShape], first_block: int
     return total
 
 
-def lm_backward_flops(shape: LMShape, batches: list[BatchShape], lowest_edited: int) -> float:
-    """Input-gradients from the head down to (not into) block `lowest_edited`: the frozen LM's share."""
+def lm_backward_flops(
+    shape: LMShape, batches: list[BatchShape], lowest_edited: int, answers_only: bool = False
+) -> float:
+    """Input-gradients from the head down to (not into) block `lowest_edited`: the frozen LM's share, at
+    every padded token, or with `answers_only` (the cache pass's need) at the answer positions."""
     layers_above = shape.n_layers - 1 - lowest_edited
     total = 0.0
     for b in batches:
         per_token = layers_above * (2 * shape.layer_matmul_params() + 8 * b.length * shape.query_width)
-        total += b.padded_tokens * per_token + b.answers * 2 * shape.hidden * shape.vocab
+        positions = b.answers if answers_only else b.padded_tokens
+        total += positions * per_token + b.answers * 2 * shape.hidden * shape.vocab
     return total
 
 
@@ -261,7 +266,9 @@ def meta_step_flops(
     lowest = min(editor.edited_layers)
     first = lowest if block_cache == "revisit" else 0
     n_rows = sum(b.answers for b in edit)  # one key row per answer position of the edit prompts
-    cache_lm = lm_forward_flops(shape, edit, first) + lm_backward_flops(shape, edit, lowest)
+    cache_lm = lm_forward_flops(shape, edit, first) + lm_backward_flops(
+        shape, edit, lowest, answers_only=True
+    )
     _add(total, "cache", model_dtype, cache_lm)
     _editor_forward(total, editor, n_rows, forms, solve_dtype)
     for phase, batches in (("generalisation", equiv), ("locality", unrel)):
@@ -297,7 +304,8 @@ def edit_flops(
     total: PhaseFlops = {phase: {} for phase in EDIT_PHASES}
     n_rows = sum(b.answers for b in edit)
     lowest = min(editor.edited_layers)
-    _add(total, "cache", model_dtype, lm_forward_flops(shape, edit) + lm_backward_flops(shape, edit, lowest))
+    cache_lm = lm_forward_flops(shape, edit) + lm_backward_flops(shape, edit, lowest, answers_only=True)
+    _add(total, "cache", model_dtype, cache_lm)
     _editor_forward(total, editor, n_rows, forms, solve_dtype)
     _add(total, "apply", "float32", sum(d_in * d_out for d_in, d_out in editor.edited_shapes))
     return total

@@ -14,6 +14,7 @@ from horse_dist.config import ConfigError, load_config
 from horse_dist.editor.metagrad import hypernet_vjp
 from horse_dist.editor.residual import residual
 from horse_dist.flops import BatchShape, EditorShape, LMShape
+from horse_dist.lm.answer_tail import tail_layout
 from horse_dist.lm.load import load_frozen_lm
 from horse_dist.lm.passes import cache_pass, loss_pass
 from horse_dist.lm.random_model import RANDOM_SHAPES
@@ -55,6 +56,8 @@ def test_flops_equal_hand_count():
     assert flops.lm_forward_flops(SMALL, BATCH) == 9600 + 240
     # Backward from the head to above layer 1: layer 2 only, 2·120 + 8·5·4 = 400 per token -> 4000; head 240.
     assert flops.lm_backward_flops(SMALL, BATCH, lowest_edited=1) == 4000 + 240
+    # The cache pass needs it at the 3 answer positions only: 3 · 400 + head 240.
+    assert flops.lm_backward_flops(SMALL, BATCH, lowest_edited=1, answers_only=True) == 1200 + 240
     # Shift hooks, 10 tokens, 2·10·6·4 = 480 per matmul: lowest layer 2 matmuls, layer above 3 -> 5·480.
     assert flops.shift_hook_flops(EDITOR.edited_shapes, EDITOR.edited_layers, BATCH) == 2400
     # Hypernet N=3, F=10, R=2, 2 blocks: 2 · 4·3·10·2 = 480, + residual 2·3·6 + 3·4 = 48.
@@ -74,7 +77,7 @@ def test_flops_equal_hand_count():
     step = flops.meta_step_flops(
         SMALL, EDITOR, BATCH, BATCH, BATCH, ["primal", "dual"], "bfloat16", "float64"
     )
-    assert step["cache"] == {"bfloat16": 9840 + 4240}
+    assert step["cache"] == {"bfloat16": 9840 + 1440}
     assert step["generalisation"] == {"bfloat16": 14080, "float32": 2400}
     assert step["hypernet_forward"] == {"float32": 2 * 528}
     assert step["spread"] == {"float32": 6 * 3 * 4}  # one layer pair: two dots + one axpy over (3, 4)
@@ -129,6 +132,25 @@ def test_flops_match_torch_flop_counter(tiny_engine):
         cache = cache_pass(engine.model, engine.hooks, batches.edit, 8, 8.0)
     edit = bench.batch_shapes(batches.edit)
     expected = flops.lm_forward_flops(shape, edit) + flops.lm_backward_flops(shape, edit, lowest)
+    assert counter.get_total_flops() == expected
+
+    # The answer-tail cache pass (engine default on a CPU): blocks below l0 on the (B, T) tokens, blocks from
+    # l0 on the context slots (B, C) without a graph, then on the tail slots (B, Q) that see C + Q keys, and
+    # the backward at the tail slots only.
+    assert engine.answer_tail
+    with FlopCounterMode(display=False) as counter:
+        tailed = engine.cache(batches)
+    torch.testing.assert_close(tailed.grads[0], cache.grads[0], rtol=1e-4, atol=1e-6)
+    params, q, head = shape.layer_matmul_params(), shape.query_width, 2 * shape.hidden * shape.vocab
+    expected = 0
+    for batch in batches.edit:
+        layout = tail_layout(batch)
+        (rows, t), c, k = batch.input_ids.shape, layout.context_BC.shape[1], layout.tail_BQ.shape[1]
+        expected += rows * t * lowest * (2 * params + 4 * t * q)
+        expected += rows * c * (shape.n_layers - lowest) * (2 * params + 4 * c * q)
+        expected += rows * k * (shape.n_layers - lowest) * (2 * params + 4 * (c + k) * q)
+        expected += rows * k * (shape.n_layers - 1 - lowest) * (2 * params + 8 * (c + k) * q)
+        expected += 2 * batch.num_answer_tokens * head
     assert counter.get_total_flops() == expected
 
     shifts = [torch.zeros(d_in, d_out, requires_grad=True) for d_in, d_out in engine.shapes]

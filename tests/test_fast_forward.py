@@ -16,18 +16,20 @@ from horse_dist.data.packing import (
     shareable_length,
 )
 from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
+from horse_dist.lm.answer_tail import tail_answer_logits, tail_layout
 from horse_dist.lm.block_cache import BlockInputCache
 from horse_dist.lm.fast_forward import (
     PACKABLE,
     RESUMABLE,
     blocks_from,
-    capturing_block_input,
+    hidden_entering_block,
     packed_attention_mask,
+    use_answer_tail,
     use_packing,
 )
 from horse_dist.lm.hooks import EditHooks
-from horse_dist.lm.passes import answer_logits, cache_pass, loss_pass
-from horse_dist.lm.registry import default_edit_modules, module_shape
+from horse_dist.lm.passes import answer_logits, cache_pass, loss_pass, model_inputs, resumed_answer_logits
+from horse_dist.lm.registry import default_edit_modules, layer_index, module_shape
 from horse_dist.tiny.models import TINY_ARCHS, build_tiny_model
 from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
@@ -225,11 +227,12 @@ def test_use_packing_setting():
 def test_resuming_at_a_block_equals_the_full_pass(arch):
     tokenizer, model, examples = _setup(arch)
     batch = packed_micro_batches(examples, 32, tokenizer.pad_token_id or 0)[0]
-    with torch.no_grad(), capturing_block_input(model, 2) as captured:
+    with torch.no_grad():
         full = answer_logits(model, batch)
-    assert len(captured) == 1 and captured[0].shape == (*batch.input_ids.shape, model.config.hidden_size)
-    with torch.no_grad(), blocks_from(model, 2):
-        resumed = answer_logits(model, batch, captured[0])
+    hidden = hidden_entering_block(model, model_inputs(model, batch), 2)
+    assert hidden.shape == (*batch.input_ids.shape, model.config.hidden_size)
+    with torch.no_grad():
+        resumed = resumed_answer_logits(model, batch, hidden, 2)
     torch.testing.assert_close(resumed, full, rtol=1e-5, atol=1e-5)
     assert len(_blocks_of(model)) == model.config.num_hidden_layers  # restored
 
@@ -243,6 +246,76 @@ def test_resuming_is_refused_where_embeddings_are_transformed():
     with pytest.raises(ValueError, match="not supported for model_type 'gpt2'"):
         with blocks_from(model, 1):
             pass
+
+
+# ---- the cache pass's answer tail ---------------------------------------------------------------------------
+def test_tail_layout_of_two_prompts_sharing_a_prefix():
+    tokenizer, _, examples = _setup("llama")
+    first, second = examples[0], examples[8]  # the same prompt, answers "Paris" and "Lyon"
+    context = shareable_length(first)
+    assert first.input_ids[:context] == second.input_ids[:context]
+    batch = collate_packed(examples, [[0, 8]], pad_id=0)
+    layout = tail_layout(batch)
+    tail_first, tail_second = len(first.labels) - context, len(second.labels) - context
+    assert layout.context_BC.tolist() == [list(range(context))]  # the shared prefix, once
+    assert layout.tail_BQ.tolist() == [list(range(context, context + tail_first + tail_second))]
+    assert layout.tail_real_BQ.all() and layout.context_real_BC.all()
+    seen = layout.tail_seen_BQK[0]  # (Q, C + Q)
+    assert seen[:, :context].all()  # every answer position sees the shared prefix
+    own_first = torch.arange(tail_first)
+    assert seen[tail_first:, context + own_first].any().item() is False  # ... not the other answer
+    causal = torch.ones(tail_second, tail_second, dtype=torch.bool).tril()
+    assert seen[tail_first:, context + tail_first :].equal(causal)  # its own earlier positions
+    assert layout.context_seen_BCC[0].equal(torch.ones(context, context, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("arch", sorted(RESUMABLE))
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_answer_tail_cache_pass_equals_the_full_pass(arch, layout):
+    tokenizer, model, examples = _setup(arch)
+    names = default_edit_modules(model, n_last=2)
+    hooks, block = EditHooks(model, names), layer_index(names[0])
+    pad, n = tokenizer.pad_token_id or 0, len(examples)
+    batching = packed_micro_batches if layout == "packed" else micro_batches
+    batches = batching(examples, 4, pad)
+    shapes = []  # what the lowest edited module computes on: context without a graph, then the tail
+
+    def tail(batch):
+        hidden = hidden_entering_block(model, model_inputs(model, batch), block)
+        return tail_answer_logits(model, hooks, batch, hidden, block)
+
+    full = cache_pass(model, hooks, batches, n, loss_scale=4.0)
+    handle = model.get_submodule(names[0]).register_forward_hook(
+        lambda module, args, out: shapes.append((tuple(out.shape[:2]), torch.is_grad_enabled()))
+    )
+    tailed = cache_pass(model, hooks, batches, n, 4.0, tail)
+    handle.remove()
+    assert len(shapes) == 2 * len(batches)
+    for batch, context_run, tail_run in zip(batches, shapes[::2], shapes[1::2]):
+        answers_BT = batch.labels != IGNORE_INDEX
+        context_BT = batch.attention_mask.bool() & ~answers_BT
+        rows = len(batch.input_ids)
+        assert context_run == ((rows, max(int(context_BT.sum(1).max()), 1)), False)
+        assert tail_run == ((rows, int(answers_BT.sum(1).max())), True)
+    assert tailed.example_ids.equal(full.example_ids)
+    torch.testing.assert_close(tailed.loss, full.loss, rtol=1e-5, atol=1e-6)
+    for got, want in zip(tailed.keys + tailed.grads, full.keys + full.grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    hooks.remove()
+
+
+def test_use_answer_tail_setting():
+    _, model, _ = _setup("llama")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert use_answer_tail("auto", model, cpu, 0) and not use_answer_tail("auto", model, cuda, 0)
+    assert use_answer_tail("answer_tail", model, cuda, 0) and not use_answer_tail("full", model, cpu, 0)
+    assert not use_answer_tail("auto", model, cpu, 3)
+    with pytest.raises(
+        ConfigError, match="model.cache_pass=answer_tail: not supported for model_type 'llama' with ZeRO"
+    ):
+        use_answer_tail("answer_tail", model, cpu, 3)
+    model.config.model_type = "gpt2"
+    assert not use_answer_tail("auto", model, cpu, 0)
 
 
 BLOCK_CACHE_CFG = [
@@ -260,13 +333,17 @@ BLOCK_CACHE_CFG = [
 
 
 @pytest.mark.parametrize("locality", ["ce", "kl"])
-def test_block_cache_meta_steps_equal_uncached(locality):
-    """Two visits of the same meta-batch: with the cache the second skips the lower blocks, same results."""
+def test_block_cache_and_answer_tail_meta_steps_equal_plain(locality):
+    """Two visits of the same meta-batch: the answer-tail cache pass, and with the block cache the second
+    visit skipping the lower blocks, give the plain passes' results."""
     runs = {}
-    for budget in ("0", "1"):
-        cfg = load_config(
-            None, [*BLOCK_CACHE_CFG, f"method.locality={locality}", f"train.block_cache_gb={budget}"]
-        )
+    variants = {
+        "plain": ["train.block_cache_gb=0", "model.cache_pass=full"],
+        "tail": ["train.block_cache_gb=0", "model.cache_pass=answer_tail"],
+        "cached": ["train.block_cache_gb=1", "model.cache_pass=answer_tail"],
+    }
+    for name, overrides in variants.items():
+        cfg = load_config(None, [*BLOCK_CACHE_CFG, f"method.locality={locality}", *overrides])
         torch.manual_seed(0)
         engine, tokenizer = build_engine(cfg)
         pools = load_data(cfg, tokenizer)
@@ -274,17 +351,20 @@ def test_block_cache_meta_steps_equal_uncached(locality):
         metrics = [
             engine.meta_step(engine.batches_for(pools.train, list(range(8))), optimizer) for _ in range(2)
         ]
-        runs[budget] = (engine, metrics)
-    plain, cached = runs["0"][0], runs["1"][0]
-    assert plain.block_cache is None and cached.block_cache.block == 2  # tiny_llama: 4 blocks, last 2 edited
+        runs[name] = (engine, metrics)
+    plain, cached = runs["plain"][0], runs["cached"][0]
+    assert not plain.answer_tail and runs["tail"][0].answer_tail and plain.block_cache is None
+    assert cached.block_cache.block == 2  # tiny_llama: 4 blocks, last 2 edited
     n_batches = cached.block_cache.misses + cached.block_cache.hits
     # Visit 1 computes (KL: its shifted pass resumes from the reference pass's states); visit 2 only resumes.
     assert cached.block_cache.hits >= n_batches // 2 and len(cached.block_cache) == 3 * 8
-    for a, b in zip(runs["0"][1], runs["1"][1]):
-        for key in ("gen_loss_sum", "loc_loss_sum", "cache_loss_sum", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
-    for p, q in zip(plain.bank.parameters(), cached.bank.parameters()):
-        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
+    for name in ("tail", "cached"):
+        engine, metrics = runs[name]
+        for a, b in zip(runs["plain"][1], metrics):
+            for key in ("gen_loss_sum", "loc_loss_sum", "cache_loss_sum", "grad_norm"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, key)
+        for p, q in zip(plain.bank.parameters(), engine.bank.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
 
 
 def test_block_cache_resumes_a_prompt_in_another_tree():
@@ -315,13 +395,13 @@ def test_block_cache_is_bypassed_under_zero3_and_without_records():
     cfg = load_config(None, [*BLOCK_CACHE_CFG, "train.block_cache_gb=1"])
     engine, tokenizer = build_engine(cfg)
     batches = engine.batches_for(load_data(cfg, tokenizer).train, list(range(8)))
-    assert all(fn is not None for fn in engine.training_logits(batches).values())
+    assert all(fn is not None for fn in engine.training_sources(batches).values())
     batches.records = None  # edit calls and evaluation carry no record keys
-    assert all(fn is None for fn in engine.training_logits(batches).values())
+    assert all(fn is None for fn in engine.training_sources(batches).values())
 
     class ZeRO3:
         zero_stage = 3
 
     engine.deepspeed = ZeRO3()  # partitioned blocks are gathered in traced module order: no resuming
     batches.records = [(0, i) for i in range(8)]
-    assert all(fn is None for fn in engine.training_logits(batches).values())
+    assert all(fn is None for fn in engine.training_sources(batches).values())

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from horse_dist.data import TokenBatch
-from horse_dist.lm.fast_forward import blocks_from, capturing_block_input
-from horse_dist.lm.passes import Logits, answer_logits
+from horse_dist.lm.fast_forward import HiddenStates, hidden_entering_block
+from horse_dist.lm.passes import Logits, model_inputs, resumed_answer_logits
 
 Record = tuple[int, int]  # (pool id, index in the pool)
 Key = tuple[str, Record]  # (prompt kind, record)
@@ -36,32 +36,36 @@ class BlockInputCache:
         """Share of the passes so far that resumed from stored states."""
         return self.hits / max(self.hits + self.misses, 1)
 
-    def logits_fn(self, model: nn.Module, kind: str, records: list[Record]) -> Logits:
-        """answer_logits for batches of `kind` prompts whose edit index e is the record records[e]."""
+    def hidden_fn(self, model: nn.Module, kind: str, records: list[Record]) -> HiddenStates:
+        """The states entering the block for batches of `kind` prompts whose edit index e is the record
+        records[e]: stored ones where every sequence has them, else computed (and stored)."""
 
-        def logits(batch: TokenBatch) -> torch.Tensor:
+        def hidden(batch: TokenBatch) -> torch.Tensor:
             sequences = batch.sequence_positions()
             keys = [(kind, records[e]) for *_, e in sequences]
             if all(key in self._states for key in keys):
                 self.hits += 1
-                return self._resume(model, batch, sequences, keys)
+                return self._restore(model, batch, sequences, keys)
             self.misses += 1
-            with capturing_block_input(model, self.block) as captured:
-                out = answer_logits(model, batch)
-            self._store(sequences, keys, captured[0])
-            return out
+            hidden_BTH = hidden_entering_block(model, model_inputs(model, batch), self.block)
+            self._store(sequences, keys, hidden_BTH)
+            return hidden_BTH
 
-        return logits
+        return hidden
 
-    def _resume(
+    def logits_fn(self, model: nn.Module, kind: str, records: list[Record]) -> Logits:
+        """answer_logits of such batches, the blocks below `block` skipped where the states are stored."""
+        hidden = self.hidden_fn(model, kind, records)
+        return lambda batch: resumed_answer_logits(model, batch, hidden(batch), self.block)
+
+    def _restore(
         self, model: nn.Module, batch: TokenBatch, sequences: list[SequenceAt], keys: list[Key]
     ) -> torch.Tensor:
         dtype = model.get_input_embeddings().weight.dtype
         hidden_BTH = torch.zeros(*batch.input_ids.shape, self._states[keys[0]].shape[-1], dtype=dtype)
         for (row, positions, _), key in zip(sequences, keys):
             hidden_BTH[row, positions] = self._states[key]  # a shared prefix is written once per sequence
-        with blocks_from(model, self.block):
-            return answer_logits(model, batch, hidden_BTH.to(batch.input_ids.device))
+        return hidden_BTH.to(batch.input_ids.device)
 
     def _store(self, sequences: list[SequenceAt], keys: list[Key], hidden_BTH: torch.Tensor) -> None:
         hidden_BTH = hidden_BTH.cpu()  # one device-to-host copy per batch, not one per sequence

@@ -3,6 +3,8 @@
 - Packed rows (`data.packing`): several sequences per row, shared prompt prefixes once, a 4-D mask that
   lets a token see its ancestors only, and per-sequence positions. Families that derive anything else
   from a 2-D mask (ALiBi in BLOOM/Falcon) or treat a 4-D mask differently per layer are left out.
+  Mistral's sliding window is not applied to the 4-D mask: exact while no sequence is longer than the
+  window (4,096 tokens on Mistral-7B).
 - Resuming at a block: the blocks below the lowest edited one are frozen and unshifted, so the hidden
   states entering it are a fixed function of the prompt; a pass that has them runs only the blocks above,
   fed as `inputs_embeds`. Valid where the embeddings enter block 0 unchanged (no scaling, no added
@@ -11,13 +13,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from horse_dist.config import ConfigError
+from horse_dist.data import TokenBatch
 from horse_dist.lm.registry import ARCHITECTURES, model_type
 
 # HF model_type values checked in tests/test_fast_forward.py (packed logits = one-sequence-per-row logits).
@@ -26,15 +29,24 @@ PACKABLE = frozenset({"llama", "mistral", "gptj", "gpt2"})
 RESUMABLE = frozenset({"llama", "mistral", "gptj"})
 
 
-def packed_attention_mask(visible_until_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, 1, T, T) additive mask: position i sees position j iff j <= i < visible_until[j] (its ancestors in
-    the row's prefix tree, itself included; a pad sees itself only). A finite minimum, not -inf, keeps every
-    softmax finite."""
+def visibility(visible_until_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T, T) bool: position i sees position j iff j <= i < visible_until[j] (its ancestors in the row's
+    prefix tree, itself included; a pad sees itself only)."""
     steps = torch.arange(visible_until_BT.shape[1], device=visible_until_BT.device)
     causal_1TT = steps[None, :, None] >= steps[None, None, :]  # [0, i, j]: j <= i
-    allowed_BTT = causal_1TT & (steps[None, :, None] < visible_until_BT[:, None, :])
-    mask = torch.zeros(allowed_BTT.shape, dtype=dtype, device=visible_until_BT.device)
-    return mask.masked_fill_(~allowed_BTT, torch.finfo(dtype).min).unsqueeze(1)
+    return causal_1TT & (steps[None, :, None] < visible_until_BT[:, None, :])
+
+
+def additive_mask(allowed_BQK: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, Q, K) additive attention mask of a boolean one. A finite minimum, not -inf, keeps every
+    softmax finite (a row that sees nothing stays finite too)."""
+    mask = torch.zeros(allowed_BQK.shape, dtype=dtype, device=allowed_BQK.device)
+    return mask.masked_fill_(~allowed_BQK, torch.finfo(dtype).min).unsqueeze(1)
+
+
+def packed_attention_mask(visible_until_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, T, T) additive mask of a packed batch (see `visibility`)."""
+    return additive_mask(visibility(visible_until_BT), dtype)
 
 
 def use_packing(setting: str, model: nn.Module, device: torch.device) -> bool:
@@ -50,26 +62,51 @@ def use_packing(setting: str, model: nn.Module, device: torch.device) -> bool:
     return setting == "auto" and supported and device.type == "cpu"
 
 
+def use_answer_tail(setting: str, model: nn.Module, device: torch.device, zero_stage: int) -> bool:
+    """`model.cache_pass`: auto takes the answer tail on a CPU for RESUMABLE models. ZeRO-3 is left out: its
+    partitioned blocks are fetched in the module order traced on the first pass."""
+    supported = model_type(model) in RESUMABLE and zero_stage != 3
+    if setting == "answer_tail":
+        if not supported:
+            raise ConfigError(
+                f"model.cache_pass=answer_tail: not supported for model_type {model_type(model)!r} with ZeRO stage "
+                f"{zero_stage} (tested: {sorted(RESUMABLE)}, not under ZeRO-3); use auto or off"
+            )
+        return True
+    return setting == "auto" and supported and device.type == "cpu"
+
+
 def _blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
     parent_name, _, attr = ARCHITECTURES[model_type(model)].layers_path.rpartition(".")
     parent = model.get_submodule(parent_name)
     return parent, attr, getattr(parent, attr)
 
 
-@contextmanager
-def capturing_block_input(model: nn.Module, block: int) -> Iterator[list[torch.Tensor]]:
-    """Collect (detached) the hidden states (B, T, H) entering decoder block `block` in each forward."""
+HiddenStates = Callable[[TokenBatch], torch.Tensor]  # batch -> hidden states (B, T, H) entering a block
+
+
+class _BlockReached(Exception):
+    """Raised by the pre-hook of `hidden_entering_block` to stop the forward there."""
+
+
+@torch.no_grad()
+def hidden_entering_block(model: nn.Module, inputs: dict, block: int) -> torch.Tensor:
+    """The hidden states (B, T, H) entering decoder block `block` for the base model's keyword `inputs`:
+    the blocks below run, the ones from `block` on do not (the forward stops at its pre-hook)."""
     captured: list[torch.Tensor] = []
 
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        captured.append(hidden.detach())
+    def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
+        raise _BlockReached
 
-    handle = _blocks(model)[2][block].register_forward_pre_hook(hook, with_kwargs=True)
+    handle = _blocks(model)[2][block].register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        yield captured
+        model.base_model(**inputs)
+    except _BlockReached:
+        pass
     finally:
         handle.remove()
+    return captured[0]
 
 
 @contextmanager

@@ -22,7 +22,7 @@ from horse_dist.editor.losses import (
     per_example_ce,
     per_example_kl,
 )
-from horse_dist.lm.fast_forward import packed_attention_mask
+from horse_dist.lm.fast_forward import blocks_from, packed_attention_mask
 from horse_dist.lm.hooks import EditHooks
 
 Logits = Callable[[TokenBatch], torch.Tensor]  # batch -> answer logits (P, V)
@@ -56,6 +56,15 @@ def answer_logits(
     return model.get_output_embeddings()(hidden_BTH[mask_BT]).float()
 
 
+def resumed_answer_logits(
+    model: nn.Module, batch: TokenBatch, hidden_BTH: torch.Tensor, block: int
+) -> torch.Tensor:
+    """answer_logits from `hidden_BTH`, the states entering decoder block `block`: only the blocks from
+    there run."""
+    with blocks_from(model, block):
+        return answer_logits(model, batch, hidden_BTH)
+
+
 def _per_edit_zeros(batches: list[TokenBatch], n_examples: int) -> torch.Tensor:
     """An (E,) accumulator on the batches' device; the passes return their per-edit vectors on the CPU (one
     copy per pass, not one per micro-batch)."""
@@ -71,23 +80,33 @@ class CacheResult:
     loss: torch.Tensor  # (E,) per-edit CE of the unedited model
 
 
+def recording(hooks: EditHooks, logits_fn: Logits) -> Logits:
+    """`logits_fn` with K and G recorded at the batch's answer positions."""
+
+    def logits(batch: TokenBatch) -> torch.Tensor:
+        with hooks.recording(batch.answer_positions()[0]):
+            return logits_fn(batch)
+
+    return logits
+
+
 def cache_pass(
     model: nn.Module,
     hooks: EditHooks,
     batches: list[TokenBatch],
     n_examples: int,
     loss_scale: float,
-    logits_fn: Logits | None = None,
+    recorded_logits: Logits | None = None,
 ) -> CacheResult:
     """Forward+backward of the unedited LM on the edit prompts, recording K and G at the answer positions.
-    `logits_fn` (default: answer_logits of `model`) computes a batch's answer logits."""
-    logits_fn = logits_fn or partial(answer_logits, model)
+    `recorded_logits` (default: `recording(hooks, answer_logits of model)`) computes a batch's answer logits
+    and records K and G on the way."""
+    recorded_logits = recorded_logits or recording(hooks, partial(answer_logits, model))
     hooks.reset_records()
     example_rows, losses = [], _per_edit_zeros(batches, n_examples)
     for batch in batches:
-        mask_BT, labels_P, example_ids_P = batch.answer_positions()
-        with hooks.recording(mask_BT):
-            logits_PV = logits_fn(batch)
+        _, labels_P, example_ids_P = batch.answer_positions()
+        logits_PV = recorded_logits(batch)
         loss_E = per_example_ce(logits_PV, labels_P, example_ids_P, n_examples)
         (loss_E.sum() / loss_scale).backward()
         losses += loss_E.detach()

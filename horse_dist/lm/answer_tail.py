@@ -1,0 +1,100 @@
+"""The cache pass with the backward at the answer positions only (above the lowest edited block).
+
+K and G are read at the answer positions: a prompt's last token and the answer tokens, the last positions of
+their sequence. The loss reaches a layer's output at such a position only through the positions that see
+it, later positions of the same sequence: answer positions too. The prompt's leading tokens (the context)
+matter to the loss only as keys and values of the attention. So from the lowest edited block on, a batch runs
+twice: its context without a graph, keeping every block's keys and values (a KV cache), then its answer
+tail with a graph, attending to that cache and to itself. K, G and the loss are those of the full pass (up
+to float rounding), and the backward covers the tail only: on SmolLM2 with 100 zsRE prompts, ~320 of
+~1,230 positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from horse_dist.data import TokenBatch
+from horse_dist.data.tokenize import IGNORE_INDEX
+from horse_dist.lm.fast_forward import additive_mask, blocks_from, visibility
+from horse_dist.lm.hooks import EditHooks
+
+
+@dataclass
+class TailLayout:
+    """Each row's context and answer positions, as slots padded to the row with the most of each."""
+
+    context_BC: torch.Tensor  # positions of each row's context tokens, in order (pad slots: any position)
+    context_real_BC: torch.Tensor  # bool: the slot holds a context token
+    tail_BQ: torch.Tensor  # positions of each row's answer tokens, in order
+    tail_real_BQ: torch.Tensor
+    positions_BT: torch.Tensor  # position id of every token
+    context_seen_BCC: torch.Tensor  # bool: context slot i sees context slot j
+    tail_seen_BQK: torch.Tensor  # bool, K = C + Q: tail slot i sees context slot j, then tail slot j - C
+
+
+def _slots(selected_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row the positions where `selected_BT` holds, in order, padded to the largest count (at least 1)."""
+    counts_B = selected_BT.sum(1)
+    width = max(int(counts_B.max()), 1)
+    order_BT = torch.argsort((~selected_BT).to(torch.int8), dim=1, stable=True)  # selected first, in order
+    real_BS = torch.arange(width, device=selected_BT.device)[None, :] < counts_B[:, None]
+    return order_BT[:, :width], real_BS
+
+
+def tail_layout(batch: TokenBatch) -> TailLayout:
+    answers_BT = batch.labels != IGNORE_INDEX
+    real_BT = batch.attention_mask.bool()
+    steps_T = torch.arange(real_BT.shape[1], device=real_BT.device)
+    if batch.packed:
+        visible_until_BT, positions_BT = batch.visible_until, batch.position_ids
+    else:  # one right-padded sequence per row: its real tokens are seen up to its end, a pad by itself
+        visible_until_BT = torch.where(real_BT, real_BT.sum(1, keepdim=True), steps_T + 1)
+        positions_BT = steps_T.expand_as(real_BT)
+    context_BC, context_real_BC = _slots(real_BT & ~answers_BT)
+    tail_BQ, tail_real_BQ = _slots(answers_BT)
+    seen_BTT = visibility(visible_until_BT)
+    rows_B11 = torch.arange(real_BT.shape[0], device=real_BT.device)[:, None, None]
+
+    def seen(query_BQ: torch.Tensor, key_BK: torch.Tensor, key_real_BK: torch.Tensor) -> torch.Tensor:
+        # Pad slots are never seen; what a pad slot sees is never read.
+        return seen_BTT[rows_B11, query_BQ[:, :, None], key_BK[:, None, :]] & key_real_BK[:, None, :]
+
+    context_seen = seen(context_BC, context_BC, context_real_BC)
+    tail_seen = torch.cat(
+        [seen(tail_BQ, context_BC, context_real_BC), seen(tail_BQ, tail_BQ, tail_real_BQ)], dim=2
+    )
+    return TailLayout(
+        context_BC, context_real_BC, tail_BQ, tail_real_BQ, positions_BT, context_seen, tail_seen
+    )
+
+
+def tail_answer_logits(
+    model: nn.Module, hooks: EditHooks, batch: TokenBatch, hidden_BTH: torch.Tensor, block: int
+) -> torch.Tensor:
+    """Answer logits (P, V) in float32 (rows in `batch.answer_positions()` order), with K and G recorded at
+    the answer positions. `hidden_BTH`: the states entering `block`, the lowest edited one."""
+    layout = tail_layout(batch)
+    dtype = model.get_input_embeddings().weight.dtype
+    cache = DynamicCache()  # full layers: a sliding-window one would crop the cache to its own order
+
+    def run(slots_BS: torch.Tensor, seen_BSK: torch.Tensor) -> torch.Tensor:
+        index_BSH = slots_BS[:, :, None].expand(-1, -1, hidden_BTH.shape[-1])
+        return model.base_model(
+            inputs_embeds=hidden_BTH.gather(1, index_BSH),
+            attention_mask=additive_mask(seen_BSK, dtype),
+            position_ids=layout.positions_BT.gather(1, slots_BS),
+            past_key_values=cache,
+            use_cache=True,
+        )[0]
+
+    with blocks_from(model, block):
+        with torch.no_grad():
+            run(layout.context_BC, layout.context_seen_BCC)
+        with hooks.recording(layout.tail_real_BQ):
+            tail_BQH = run(layout.tail_BQ, layout.tail_seen_BQK)
+    return model.get_output_embeddings()(tail_BQH[layout.tail_real_BQ]).float()
