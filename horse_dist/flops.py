@@ -133,10 +133,14 @@ def shift_hook_flops(
     return total
 
 
-def hypernet_forward_flops(n_rows: int, d_in: int, d_out: int, rank: int, n_blocks: int) -> float:
-    """Per block y A B (4·N·F·R), plus the residual's row dot K·K̃ and scaling of G̃ (2·N·I + N·O)."""
+def hypernet_forward_flops(
+    n_rows: int, d_in: int, d_out: int, rank: int, n_blocks: int, inference: bool = False
+) -> float:
+    """Per block y A B (4·N·F·R), plus the residual's row dot K·K̃ and scaling of G̃ (2·N·I + N·O). With
+    `inference` (no graph) the cheaper of that and y (A B) (2·N·F², A B kept across calls: editor/hypernet.py)."""
     size = d_in + d_out
-    return n_blocks * 4 * n_rows * size * rank + 2 * n_rows * d_in + n_rows * d_out
+    per_row = min(4 * size * rank, 2 * size * size) if inference else 4 * size * rank
+    return n_blocks * n_rows * per_row + 2 * n_rows * d_in + n_rows * d_out
 
 
 def hypernet_backward_flops(
@@ -229,10 +233,15 @@ class EditorShape:
 
 
 def _editor_forward(
-    total: PhaseFlops, editor: EditorShape, n_rows: int, forms: list[str], solve_dtype: str
+    total: PhaseFlops,
+    editor: EditorShape,
+    n_rows: int,
+    forms: list[str],
+    solve_dtype: str,
+    inference: bool = False,
 ) -> None:
     for (d_in, d_out), form in zip(editor.edited_shapes, forms):
-        forward = hypernet_forward_flops(n_rows, d_in, d_out, editor.rank, editor.n_blocks)
+        forward = hypernet_forward_flops(n_rows, d_in, d_out, editor.rank, editor.n_blocks, inference)
         _add(total, "hypernet_forward", "float32", forward)
         for dtype, flops in solve_flops_by_dtype(n_rows, d_in, d_out, form, solve_dtype).items():
             _add(total, "solve", dtype, flops)
@@ -306,7 +315,7 @@ def edit_flops(
     lowest = min(editor.edited_layers)
     cache_lm = lm_forward_flops(shape, edit) + lm_backward_flops(shape, edit, lowest, answers_only=True)
     _add(total, "cache", model_dtype, cache_lm)
-    _editor_forward(total, editor, n_rows, forms, solve_dtype)
+    _editor_forward(total, editor, n_rows, forms, solve_dtype, inference=True)
     _add(total, "apply", "float32", sum(d_in * d_out for d_in, d_out in editor.edited_shapes))
     return total
 

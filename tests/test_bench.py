@@ -62,6 +62,9 @@ def test_flops_equal_hand_count():
     assert flops.shift_hook_flops(EDITOR.edited_shapes, EDITOR.edited_layers, BATCH) == 2400
     # Hypernet N=3, F=10, R=2, 2 blocks: 2 · 4·3·10·2 = 480, + residual 2·3·6 + 3·4 = 48.
     assert flops.hypernet_forward_flops(3, 6, 4, 2, 2) == 528
+    # Inference may multiply by A B instead: 2·N·F² = 600 per block > 4·N·F·R = 240, so the thin products.
+    assert flops.hypernet_forward_flops(3, 6, 4, 2, 2, inference=True) == 528
+    assert flops.hypernet_forward_flops(3, 6, 4, 8, 2, inference=True) == 2 * 600 + 48  # R = 8: A B
     # Backward: recompute 528 + dB,dz,dA 2·(6·3·10·2)=720 + dy of block 2 (2·3·10·2)=120 + residual 36+36.
     assert flops.hypernet_backward_flops(3, 6, 4, 2, 2) == 528 + 720 + 120 + 72
     # Primal: KᵀK 2·3·36=216, KᵀD 2·3·6·4=144, chol 6³/3=72, solves 2·36·4=288.

@@ -2,7 +2,7 @@
 
 import torch
 
-from horse_dist.editor.hypernet import HyperNet, RunningNormalizer, batch_moments
+from horse_dist.editor.hypernet import HyperNet, LowRankBlock, RunningNormalizer, batch_moments
 from horse_dist.editor.residual import residual
 
 F64 = torch.float64
@@ -114,3 +114,27 @@ def test_residual_formula():
         torch.testing.assert_close(d[i], c * pg[i], rtol=1e-5, atol=1e-6)
     d.sum().backward()
     torch.testing.assert_close(eta.grad, (d.sum() / 0.7).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_inference_through_the_kept_product_equals_the_thin_products():
+    """Without a graph and with F < 2R a block multiplies by A B, kept until A or B changes."""
+    torch.manual_seed(0)
+    block = LowRankBlock(size=6, rank=4, n_layers=2).double()
+    torch.nn.init.normal_(block.B)
+    y = torch.randn(5, 6, dtype=torch.float64)
+    with torch.enable_grad():
+        want = block(y, 1)
+    assert block._product is None  # the graph needs the thin products
+    with torch.no_grad():
+        got = block(y, 1)
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-12)
+        kept = block._product[1]
+        torch.testing.assert_close(kept, block.A @ block.B, rtol=0, atol=0)
+        block(y, 0)
+        assert block._product[1] is kept  # reused while A and B are unchanged
+        block.A.add_(1.0)  # an optimizer step: in place
+        torch.testing.assert_close(block(y, 1), y + torch.relu(y @ block.A @ block.B + block.bias) * 1.0)
+    wide = LowRankBlock(size=6, rank=3, n_layers=1)  # F >= 2R: the thin products cost less
+    with torch.no_grad():
+        wide(torch.randn(2, 6), 0)
+    assert wide._product is None

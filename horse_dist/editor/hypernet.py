@@ -103,9 +103,22 @@ class LowRankBlock(nn.Module):
         self.shift = nn.Embedding(n_layers, size)
         nn.init.ones_(self.scale.weight)
         nn.init.zeros_(self.shift.weight)
+        self._product: tuple[tuple, Tensor] | None = None  # (state of A and B, A B): see `project`
+
+    def project(self, y_NF: Tensor) -> Tensor:
+        """y A B. Without a graph, where A B (F, F) costs less per row than the two thin products (F < 2R),
+        through A B itself, kept while A and B are unchanged: edit calls of a trained editor reuse it."""
+        needs_graph = torch.is_grad_enabled() and (self.A.requires_grad or self.B.requires_grad)
+        if needs_graph or self.A.shape[0] >= 2 * self.A.shape[1]:
+            return y_NF @ self.A @ self.B
+        # An in-place update (optimizer step, load_state_dict) bumps a version; .to() moves the storage.
+        state = (self.A._version, self.B._version, self.A.data_ptr(), self.B.data_ptr())
+        if self._product is None or self._product[0] != state:
+            self._product = (state, self.A.detach() @ self.B.detach())
+        return y_NF @ self._product[1]
 
     def forward(self, y_NF: Tensor, layer: int) -> Tensor:
-        x_NF = torch.relu(y_NF @ self.A @ self.B + self.bias)
+        x_NF = torch.relu(self.project(y_NF) + self.bias)
         x_NF = self.scale.weight[layer] * x_NF + self.shift.weight[layer]
         return x_NF + y_NF
 
