@@ -20,7 +20,7 @@ from transformers import DynamicCache
 
 from horse_dist.data import TokenBatch
 from horse_dist.data.tokenize import IGNORE_INDEX
-from horse_dist.lm.fast_forward import additive_mask, blocks_from, visibility
+from horse_dist.lm.fast_forward import additive_mask, blocks_from, last_mlp_skipped, visibility
 from horse_dist.lm.hooks import EditHooks
 
 
@@ -93,7 +93,7 @@ def tail_answer_logits(
         )[0]
 
     with blocks_from(model, block):
-        with torch.no_grad():
+        with torch.no_grad(), last_mlp_skipped(model):  # the tail reads only its keys and values
             run(layout.context_BC, layout.context_seen_BCC)
         with hooks.recording(layout.tail_real_BQ):
             tail_BQH = run(layout.tail_BQ, layout.tail_seen_BQK)
