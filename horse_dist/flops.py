@@ -275,10 +275,8 @@ def meta_step_flops(
     lowest = min(editor.edited_layers)
     first = lowest if block_cache == "revisit" else 0
     n_rows = sum(b.answers for b in edit)  # one key row per answer position of the edit prompts
-    cache_lm = lm_forward_flops(shape, edit, first) + lm_backward_flops(
-        shape, edit, lowest, answers_only=True
-    )
-    _add(total, "cache", model_dtype, cache_lm)
+    cache_backward = lm_backward_flops(shape, edit, lowest, answers_only=True)
+    _add(total, "cache", model_dtype, lm_forward_flops(shape, edit, first) + cache_backward)
     _editor_forward(total, editor, n_rows, forms, solve_dtype)
     for phase, batches in (("generalisation", equiv), ("locality", unrel)):
         lm = lm_forward_flops(shape, batches, first) + lm_backward_flops(shape, batches, lowest)

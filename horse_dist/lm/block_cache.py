@@ -14,7 +14,7 @@ from torch import nn
 
 from horse_dist.data import TokenBatch
 from horse_dist.lm.fast_forward import HiddenStates, hidden_entering_block
-from horse_dist.lm.passes import Logits, model_inputs, resumed_answer_logits
+from horse_dist.lm.passes import model_inputs
 
 Record = tuple[int, int]  # (pool id, index in the pool)
 Key = tuple[str, Record]  # (prompt kind, record)
@@ -52,11 +52,6 @@ class BlockInputCache:
             return hidden_BTH
 
         return hidden
-
-    def logits_fn(self, model: nn.Module, kind: str, records: list[Record]) -> Logits:
-        """answer_logits of such batches, the blocks below `block` skipped where the states are stored."""
-        hidden = self.hidden_fn(model, kind, records)
-        return lambda batch: resumed_answer_logits(model, batch, hidden(batch), self.block)
 
     def _restore(
         self, model: nn.Module, batch: TokenBatch, sequences: list[SequenceAt], keys: list[Key]

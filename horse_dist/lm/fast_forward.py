@@ -69,8 +69,8 @@ def use_answer_tail(setting: str, model: nn.Module, device: torch.device, zero_s
     if setting == "answer_tail":
         if not supported:
             raise ConfigError(
-                f"model.cache_pass=answer_tail: not supported for model_type {model_type(model)!r} with ZeRO stage "
-                f"{zero_stage} (tested: {sorted(RESUMABLE)}, not under ZeRO-3); use auto or off"
+                f"model.cache_pass=answer_tail: not supported for model_type {model_type(model)!r} with "
+                f"ZeRO stage {zero_stage} (tested: {sorted(RESUMABLE)}, not under ZeRO-3); use auto or full"
             )
         return True
     return setting == "auto" and supported and device.type == "cpu"
