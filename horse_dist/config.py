@@ -27,11 +27,12 @@ class ModelConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     edit_modules: list[str] = field(default_factory=list)  # empty: the architecture's default
     n_edit_layers: int = 6
-    # answer_tail: above the lowest edited block the cache pass runs the prompts' leading tokens without a
-    # graph and the backward at the answer positions only (lm/answer_tail.py; exact); full: one plain pass.
-    # auto: answer_tail on a CPU for the families where it is tested (lm/fast_forward.py RESUMABLE), not
+    # split: the prompts' leading tokens run apart from the answer tail (lm/answer_tail.py; exact): in the
+    # cache pass from the lowest edited block on, without a graph (the backward covers the answer positions
+    # only), in the loss passes in the last block (its MLP runs at the answer positions only); full: plain
+    # passes. auto: split on a CPU for the families where it is tested (lm/fast_forward.py RESUMABLE), not
     # under ZeRO-3
-    cache_pass: str = "auto"
+    answer_tail: str = "auto"
 
 
 @dataclass
@@ -215,7 +216,7 @@ class RunConfig:
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
-    "model.cache_pass": ("auto", "answer_tail", "full"),
+    "model.answer_tail": ("auto", "split", "full"),
     "data.target": ("new", "true"),
     "data.packing": ("auto", "packed", "padded"),
     "data.format": ("auto", "zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat"),

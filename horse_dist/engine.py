@@ -17,7 +17,7 @@ from horse_dist.data import TokenBatch, TokenizedRecords, collate, micro_batch_p
 from horse_dist.data.packing import collate_packed, packed_plan
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
-from horse_dist.lm.answer_tail import tail_answer_logits
+from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits
 from horse_dist.lm.block_cache import BlockInputCache
 from horse_dist.lm.fast_forward import (
     RESUMABLE,
@@ -85,7 +85,7 @@ class EditEngine:
         self.micro_batch_rows = cfg.data.micro_batch_size or cfg.data.batch_size
         self.packing = use_packing(cfg.data.packing, model, device)
         zero_stage = cfg.dist.zero_stage if cfg.dist.backend == "ray" else 0
-        self.answer_tail = use_answer_tail(cfg.model.cache_pass, model, device, zero_stage)
+        self.answer_tail = use_answer_tail(cfg.model.answer_tail, model, device, zero_stage)
         resumable = model_type(model) in RESUMABLE
         # the blocks below it are frozen and never shifted (where passes may resume)
         self.lowest_block = min(layer_index(name) for name in self.module_names) if resumable else 0
@@ -161,12 +161,19 @@ class EditEngine:
             return dict.fromkeys(kinds)
         return {kind: self.block_cache.hidden_fn(self.model, kind, batches.records) for kind in kinds}
 
+    @torch.no_grad()
     def _hidden_below(self, batch: TokenBatch) -> torch.Tensor:
         return hidden_entering_block(self.model, model_inputs(self.model, batch), self.lowest_block)
 
-    def _resumed(self, hidden_fn: HiddenStates | None) -> Logits | None:
-        if hidden_fn is None:
-            return None
+    def _loss_logits(self, hidden_fn: HiddenStates | None) -> Logits | None:
+        """The loss passes' answer logits: the last block split off the answer tail where enabled, resumed
+        from `hidden_fn` where given; None: the plain full pass."""
+        if self.answer_tail:
+            hidden = hidden_fn or self._hidden_below
+            return lambda b: last_block_tail_logits(self.model, b, hidden(b), self.lowest_block)
+        return None if hidden_fn is None else self._resumed(hidden_fn)
+
+    def _resumed(self, hidden_fn: HiddenStates) -> Logits:
         return lambda b: resumed_answer_logits(self.model, b, hidden_fn(b), self.lowest_block)
 
     def predict(
@@ -226,7 +233,7 @@ class EditEngine:
                 batches.n_edits,
                 "ce",
                 1.0 / self.loss_scale,
-                self._resumed(sources["equiv"]),
+                self._loss_logits(sources["equiv"]),
             )
         with timer("locality"):
             loc = loss_pass(
@@ -237,7 +244,7 @@ class EditEngine:
                 batches.n_edits,
                 method.locality,
                 method.loc_coef / self.loss_scale,
-                self._resumed(sources["unrel"]),
+                self._loss_logits(sources["unrel"]),
             )
         grad_shifts = [s.grad if s.grad is not None else torch.zeros_like(s) for s in shifts]
         meta_backward(self.bank, cache.keys, cache.grads, prediction, grad_shifts, method, self.world, timer)

@@ -16,7 +16,7 @@ from horse_dist.data.packing import (
     shareable_length,
 )
 from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
-from horse_dist.lm.answer_tail import tail_answer_logits, tail_layout
+from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits, tail_layout
 from horse_dist.lm.block_cache import BlockInputCache
 from horse_dist.lm.fast_forward import (
     PACKABLE,
@@ -304,16 +304,45 @@ def test_answer_tail_cache_pass_equals_the_full_pass(arch, layout):
     hooks.remove()
 
 
+@pytest.mark.parametrize("arch", sorted(RESUMABLE))
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+@pytest.mark.parametrize("n_edited", [1, 2])  # 1: the last block is the lowest edited one
+def test_last_block_tail_loss_pass_equals_the_full_pass(arch, layout, n_edited):
+    tokenizer, model, examples = _setup(arch)
+    names = default_edit_modules(model, n_last=n_edited)
+    hooks, block = EditHooks(model, names), layer_index(names[0])
+    batching = packed_micro_batches if layout == "packed" else micro_batches
+    batches, n = batching(examples, 4, tokenizer.pad_token_id or 0), len(examples)
+
+    def split(batch):
+        with torch.no_grad():
+            hidden = hidden_entering_block(model, model_inputs(model, batch), block)
+        return last_block_tail_logits(model, batch, hidden, block)
+
+    results = []
+    for logits_fn in (None, split):
+        torch.manual_seed(0)
+        shifts = [(0.01 * torch.randn(module_shape(model.get_submodule(m)))).requires_grad_() for m in names]
+        result = loss_pass(model, hooks, batches, shifts, n, "ce", 0.25, logits_fn)
+        results.append((result.loss, result.accuracy, [s.grad for s in shifts]))
+    (loss, accuracy, grads), (split_loss, split_accuracy, split_grads) = results
+    torch.testing.assert_close(split_loss, loss, rtol=1e-5, atol=1e-6)
+    assert split_accuracy.equal(accuracy)
+    for got, want in zip(split_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    hooks.remove()
+
+
 def test_use_answer_tail_setting():
     _, model, _ = _setup("llama")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert use_answer_tail("auto", model, cpu, 0) and not use_answer_tail("auto", model, cuda, 0)
-    assert use_answer_tail("answer_tail", model, cuda, 0) and not use_answer_tail("full", model, cpu, 0)
+    assert use_answer_tail("split", model, cuda, 0) and not use_answer_tail("full", model, cpu, 0)
     assert not use_answer_tail("auto", model, cpu, 3)
     with pytest.raises(
-        ConfigError, match="answer_tail: not supported .* 'llama' with ZeRO stage 3 .* auto or full"
+        ConfigError, match="answer_tail=split: not supported .* 'llama' with ZeRO stage 3 .* auto or full"
     ):
-        use_answer_tail("answer_tail", model, cpu, 3)
+        use_answer_tail("split", model, cpu, 3)
     model.config.model_type = "gpt2"
     assert not use_answer_tail("auto", model, cpu, 0)
 
@@ -338,9 +367,9 @@ def test_block_cache_and_answer_tail_meta_steps_equal_plain(locality):
     visit skipping the lower blocks, give the plain passes' results."""
     runs = {}
     variants = {
-        "plain": ["train.block_cache_gb=0", "model.cache_pass=full"],
-        "tail": ["train.block_cache_gb=0", "model.cache_pass=answer_tail"],
-        "cached": ["train.block_cache_gb=1", "model.cache_pass=answer_tail"],
+        "plain": ["train.block_cache_gb=0", "model.answer_tail=full"],
+        "tail": ["train.block_cache_gb=0", "model.answer_tail=split"],
+        "cached": ["train.block_cache_gb=1", "model.answer_tail=split"],
     }
     for name, overrides in variants.items():
         cfg = load_config(None, [*BLOCK_CACHE_CFG, f"method.locality={locality}", *overrides])

@@ -12,6 +12,7 @@ to float rounding), and the backward covers the tail only: on SmolLM2 with 100 z
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +21,16 @@ from transformers import DynamicCache
 
 from horse_dist.data import TokenBatch
 from horse_dist.data.tokenize import IGNORE_INDEX
-from horse_dist.lm.fast_forward import additive_mask, blocks_from, last_mlp_skipped, visibility
+from horse_dist.lm.fast_forward import (
+    additive_mask,
+    block_count,
+    blocks_from,
+    hidden_entering_block,
+    last_mlp_skipped,
+    visibility,
+)
 from horse_dist.lm.hooks import EditHooks
+from horse_dist.lm.passes import model_inputs
 
 
 @dataclass
@@ -73,12 +82,17 @@ def tail_layout(batch: TokenBatch) -> TailLayout:
     )
 
 
-def tail_answer_logits(
-    model: nn.Module, hooks: EditHooks, batch: TokenBatch, hidden_BTH: torch.Tensor, block: int
+def _split_run(
+    model: nn.Module,
+    layout: TailLayout,
+    hidden_BTH: torch.Tensor,
+    block: int,
+    context_graph: bool,
+    around_tail: AbstractContextManager,
 ) -> torch.Tensor:
-    """Answer logits (P, V) in float32 (rows in `batch.answer_positions()` order), with K and G recorded at
-    the answer positions. `hidden_BTH`: the states entering `block`, the lowest edited one."""
-    layout = tail_layout(batch)
+    """Blocks `block`.. from `hidden_BTH` (the states entering it): the context slots, keeping every block's
+    keys and values, with a graph only if `context_graph`; then the tail slots (B, Q, H), inside
+    `around_tail`, attending to that cache and to themselves."""
     dtype = model.get_input_embeddings().weight.dtype
     cache = DynamicCache()  # full layers: a sliding-window one would crop the cache to its own order
 
@@ -93,8 +107,37 @@ def tail_answer_logits(
         )[0]
 
     with blocks_from(model, block):
-        with torch.no_grad(), last_mlp_skipped(model):  # the tail reads only its keys and values
+        graph = context_graph and torch.is_grad_enabled()
+        with torch.set_grad_enabled(graph), last_mlp_skipped(model):  # the tail reads its keys and values
             run(layout.context_BC, layout.context_seen_BCC)
-        with hooks.recording(layout.tail_real_BQ):
-            tail_BQH = run(layout.tail_BQ, layout.tail_seen_BQK)
+        with around_tail:
+            return run(layout.tail_BQ, layout.tail_seen_BQK)
+
+
+def tail_answer_logits(
+    model: nn.Module, hooks: EditHooks, batch: TokenBatch, hidden_BTH: torch.Tensor, block: int
+) -> torch.Tensor:
+    """Answer logits (P, V) in float32 (rows in `batch.answer_positions()` order), with K and G recorded at
+    the answer positions. `hidden_BTH`: the states entering `block`, the lowest edited one."""
+    layout = tail_layout(batch)
+    recording = hooks.recording(layout.tail_real_BQ)
+    tail_BQH = _split_run(model, layout, hidden_BTH, block, context_graph=False, around_tail=recording)
+    return model.get_output_embeddings()(tail_BQH[layout.tail_real_BQ]).float()
+
+
+def last_block_tail_logits(
+    model: nn.Module, batch: TokenBatch, hidden_BTH: torch.Tensor, block: int
+) -> torch.Tensor:
+    """answer_logits from `hidden_BTH`, the states entering `block`, for the loss passes: the blocks up to the
+    last run on the whole batch (shifted states reach the answers through every position there), the last
+    one on the answer tail and, for the context, up to its keys and values (its MLP output there is never
+    read). Exact, with the graph the loss's gradient needs."""
+    last = block_count(model) - 1
+    layout = tail_layout(batch)
+    if block < last:
+        inputs = model_inputs(model, batch)
+        del inputs["input_ids"]
+        with blocks_from(model, block):
+            hidden_BTH = hidden_entering_block(model, {**inputs, "inputs_embeds": hidden_BTH}, last - block)
+    tail_BQH = _split_run(model, layout, hidden_BTH, last, context_graph=True, around_tail=nullcontext())
     return model.get_output_embeddings()(tail_BQH[layout.tail_real_BQ]).float()

@@ -47,7 +47,8 @@ class BlockInputCache:
                 self.hits += 1
                 return self._restore(model, batch, sequences, keys)
             self.misses += 1
-            hidden_BTH = hidden_entering_block(model, model_inputs(model, batch), self.block)
+            with torch.no_grad():
+                hidden_BTH = hidden_entering_block(model, model_inputs(model, batch), self.block)
             self._store(sequences, keys, hidden_BTH)
             return hidden_BTH
 

@@ -63,13 +63,13 @@ def use_packing(setting: str, model: nn.Module, device: torch.device) -> bool:
 
 
 def use_answer_tail(setting: str, model: nn.Module, device: torch.device, zero_stage: int) -> bool:
-    """`model.cache_pass`: auto takes the answer tail on a CPU for RESUMABLE models. ZeRO-3 is left out: its
-    partitioned blocks are fetched in the module order traced on the first pass."""
+    """`model.answer_tail`: auto splits on a CPU for RESUMABLE models. ZeRO-3 is left out: its partitioned
+    blocks are fetched in the module order traced on the first pass."""
     supported = model_type(model) in RESUMABLE and zero_stage != 3
-    if setting == "answer_tail":
+    if setting == "split":
         if not supported:
             raise ConfigError(
-                f"model.cache_pass=answer_tail: not supported for model_type {model_type(model)!r} with "
+                f"model.answer_tail=split: not supported for model_type {model_type(model)!r} with "
                 f"ZeRO stage {zero_stage} (tested: {sorted(RESUMABLE)}, not under ZeRO-3); use auto or full"
             )
         return True
@@ -89,10 +89,14 @@ class _BlockReached(Exception):
     """Raised by the pre-hook of `hidden_entering_block` to stop the forward there."""
 
 
-@torch.no_grad()
+def block_count(model: nn.Module) -> int:
+    return len(_blocks(model)[2])
+
+
 def hidden_entering_block(model: nn.Module, inputs: dict, block: int) -> torch.Tensor:
-    """The hidden states (B, T, H) entering decoder block `block` for the base model's keyword `inputs`:
-    the blocks below run, the ones from `block` on do not (the forward stops at its pre-hook)."""
+    """The hidden states (B, T, H) entering decoder block `block` (of the blocks the model runs now) for the
+    base model's keyword `inputs`: the blocks below run, the ones from `block` on do not (the forward stops
+    at its pre-hook). With a graph where grad mode and the inputs call for one."""
     captured: list[torch.Tensor] = []
 
     def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
