@@ -8,6 +8,9 @@ twice: its context without a graph, keeping every block's keys and values (a KV 
 tail with a graph, attending to that cache and to itself. K, G and the loss are those of the full pass (up
 to float rounding), and the backward covers the tail only: on SmolLM2 with 100 zsRE prompts, ~430 slots
 (~320 answer positions, padded to the row with the most) of ~1,230.
+
+The loss passes need the graph at every position below the last block (the shifts act everywhere), but in
+the last block the context's MLP output is never read: `last_block_tail_logits` splits that block alone.
 """
 
 from __future__ import annotations
