@@ -138,9 +138,8 @@ def last_block_tail_logits(
     last = block_count(model) - 1
     layout = tail_layout(batch)
     if block < last:
-        inputs = model_inputs(model, batch)
-        del inputs["input_ids"]
         with blocks_from(model, block):
-            hidden_BTH = hidden_entering_block(model, {**inputs, "inputs_embeds": hidden_BTH}, last - block)
+            inputs = model_inputs(model, batch, hidden_BTH)
+            hidden_BTH = hidden_entering_block(model, inputs, last - block)
     tail_BQH = _split_run(model, layout, hidden_BTH, last, context_graph=True, around_tail=nullcontext())
     return model.get_output_embeddings()(tail_BQH[layout.tail_real_BQ]).float()

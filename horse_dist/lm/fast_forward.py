@@ -49,31 +49,34 @@ def packed_attention_mask(visible_until_BT: torch.Tensor, dtype: torch.dtype) ->
     return additive_mask(visibility(visible_until_BT), dtype)
 
 
-def use_packing(setting: str, model: nn.Module, device: torch.device) -> bool:
-    """`data.packing`: auto packs on a CPU (where a pass costs its padded tokens) for PACKABLE models."""
-    supported = model_type(model) in PACKABLE
-    if setting == "packed":
+def _cpu_default(setting: str, forced: str, supported: bool, device: torch.device, refusal: str) -> bool:
+    """A shortcut's setting: `forced` takes it (a ConfigError with `refusal` where it is not supported),
+    auto takes it on a CPU where it is supported, anything else leaves it off."""
+    if setting == forced:
         if not supported:
-            raise ConfigError(
-                f"data.packing=packed: not supported for model_type {model_type(model)!r} "
-                f"(tested: {sorted(PACKABLE)}); use data.packing=padded or auto"
-            )
+            raise ConfigError(refusal)
         return True
     return setting == "auto" and supported and device.type == "cpu"
+
+
+def use_packing(setting: str, model: nn.Module, device: torch.device) -> bool:
+    """`data.packing`: auto packs on a CPU (where a pass costs its padded tokens) for PACKABLE models."""
+    refusal = (
+        f"data.packing=packed: not supported for model_type {model_type(model)!r} "
+        f"(tested: {sorted(PACKABLE)}); use data.packing=padded or auto"
+    )
+    return _cpu_default(setting, "packed", model_type(model) in PACKABLE, device, refusal)
 
 
 def use_answer_tail(setting: str, model: nn.Module, device: torch.device, zero_stage: int) -> bool:
     """`model.answer_tail`: auto splits on a CPU for RESUMABLE models. ZeRO-3 is left out: its partitioned
     blocks are fetched in the module order traced on the first pass."""
+    refusal = (
+        f"model.answer_tail=split: not supported for model_type {model_type(model)!r} with "
+        f"ZeRO stage {zero_stage} (tested: {sorted(RESUMABLE)}, not under ZeRO-3); use auto or full"
+    )
     supported = model_type(model) in RESUMABLE and zero_stage != 3
-    if setting == "split":
-        if not supported:
-            raise ConfigError(
-                f"model.answer_tail=split: not supported for model_type {model_type(model)!r} with "
-                f"ZeRO stage {zero_stage} (tested: {sorted(RESUMABLE)}, not under ZeRO-3); use auto or full"
-            )
-        return True
-    return setting == "auto" and supported and device.type == "cpu"
+    return _cpu_default(setting, "split", supported, device, refusal)
 
 
 def _blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:

@@ -28,18 +28,22 @@ from horse_dist.lm.hooks import EditHooks
 Logits = Callable[[TokenBatch], torch.Tensor]  # batch -> answer logits (P, V)
 
 
-def model_inputs(model: nn.Module, batch: TokenBatch) -> dict[str, torch.Tensor]:
-    """Keyword arguments of the HF base model for `batch` (packed rows: 4-D mask + per-sequence positions)."""
+def model_inputs(
+    model: nn.Module, batch: TokenBatch, inputs_embeds: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Keyword arguments of the HF base model for `batch` (packed rows: 4-D mask + per-sequence positions).
+    `inputs_embeds` (B, T, H) replaces the token ids (hidden states fed to the upper blocks)."""
     # use_cache=False: some families (GPT-J) otherwise build a KV cache on every forward.
-    if not batch.packed:
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
-    dtype = model.get_input_embeddings().weight.dtype
-    return {
-        "input_ids": batch.input_ids,
-        "attention_mask": packed_attention_mask(batch.visible_until, dtype),
-        "position_ids": batch.position_ids,
-        "use_cache": False,
-    }
+    inputs = {"attention_mask": batch.attention_mask, "use_cache": False}
+    if batch.packed:
+        dtype = model.get_input_embeddings().weight.dtype
+        inputs["attention_mask"] = packed_attention_mask(batch.visible_until, dtype)
+        inputs["position_ids"] = batch.position_ids
+    if inputs_embeds is None:
+        inputs["input_ids"] = batch.input_ids
+    else:
+        inputs["inputs_embeds"] = inputs_embeds
+    return inputs
 
 
 def answer_logits(
@@ -47,11 +51,7 @@ def answer_logits(
 ) -> torch.Tensor:
     """Logits (P, V) in float32 at the positions whose label is an answer token. `inputs_embeds` (B, T, H)
     replaces the token embeddings (lm.block_cache feeds stored hidden states to the upper blocks)."""
-    inputs = model_inputs(model, batch)
-    if inputs_embeds is not None:
-        del inputs["input_ids"]
-        inputs["inputs_embeds"] = inputs_embeds
-    hidden_BTH = model.base_model(**inputs)[0]
+    hidden_BTH = model.base_model(**model_inputs(model, batch, inputs_embeds))[0]
     mask_BT = batch.labels != -100
     return model.get_output_embeddings()(hidden_BTH[mask_BT]).float()
 
