@@ -56,12 +56,13 @@ def apply_edits(
     started = time.perf_counter()
     examples = [tokenize_example(tokenizer, prompt, answer) for prompt, answer in requests]
     batches = engine.micro_batches(examples)
-    edit_batches = EditBatches(batches, [], [], len(requests))
-    cache = engine.cache(edit_batches)
+    hidden = engine.shared_hidden()  # the cache and scoring passes run the blocks below the edited ones once
+    cache = engine.cache(EditBatches(batches, [], [], len(requests)), hidden)
     cached = time.perf_counter()
     shifts = engine.predict(cache, learn_statistics=False).shifts
     predicted = time.perf_counter()
-    success = score_pass(engine.model, engine.hooks, batches, len(requests), shifts).accuracy
+    logits = engine.score_logits(hidden)
+    success = score_pass(engine.model, engine.hooks, batches, len(requests), shifts, None, logits).accuracy
     timings = {
         "cache_seconds": cached - started,
         "predict_solve_seconds": predicted - cached,

@@ -18,7 +18,7 @@ from horse_dist.data.packing import collate_packed, packed_plan
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
 from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits
-from horse_dist.lm.block_cache import BlockInputCache
+from horse_dist.lm.block_cache import BlockInputCache, once_per_batch
 from horse_dist.lm.fast_forward import (
     RESUMABLE,
     HiddenStates,
@@ -49,6 +49,8 @@ from horse_dist.pipeline import (
 )
 
 log = logging.getLogger(__name__)
+
+PROMPT_KINDS = ("edit", "equiv", "unrel")
 
 
 @dataclass
@@ -151,15 +153,27 @@ class EditEngine:
 
     def training_sources(self, batches: EditBatches) -> dict[str, HiddenStates | None]:
         """Per prompt kind, where the training passes get the states entering the lowest edited block: the
-        block-input cache where there is one (not under ZeRO-3: its partitioned blocks are fetched in traced
-        module order); None: they run the blocks below."""
-        usable = self.block_cache is not None and batches.records is not None
-        if self.deepspeed is not None and self.deepspeed.zero_stage == 3:
-            usable = False
-        kinds = ("edit", "equiv", "unrel")
+        block-input cache where there is one; None: they run the blocks below."""
+        usable = self.block_cache is not None and batches.records is not None and self._may_resume
         if not usable:
-            return dict.fromkeys(kinds)
-        return {kind: self.block_cache.hidden_fn(self.model, kind, batches.records) for kind in kinds}
+            return dict.fromkeys(PROMPT_KINDS)
+        return {kind: self.block_cache.hidden_fn(self.model, kind, batches.records) for kind in PROMPT_KINDS}
+
+    def shared_hidden(self, source: HiddenStates | None = None) -> HiddenStates | None:
+        """For several passes over the same micro-batches: the states entering the lowest edited block,
+        computed once per batch (by `source` where given); None where passes cannot resume there."""
+        if self.lowest_block == 0 or not self._may_resume:
+            return None
+        return once_per_batch(source or self._hidden_below)
+
+    def score_logits(self, hidden_fn: HiddenStates | None) -> Logits | None:
+        """The scoring passes' answer logits, resumed from `hidden_fn` where given."""
+        return None if hidden_fn is None else self._resumed(hidden_fn)
+
+    @property
+    def _may_resume(self) -> bool:
+        """ZeRO-3 fetches its partitioned blocks in traced module order: its passes start at block 0."""
+        return self.deepspeed is None or self.deepspeed.zero_stage != 3
 
     @torch.no_grad()
     def _hidden_below(self, batch: TokenBatch) -> torch.Tensor:
@@ -269,16 +283,23 @@ class EditEngine:
     def evaluate_batch(self, batches: EditBatches) -> dict[str, torch.Tensor]:
         """Per-edit ES/GS/LS with the predicted edit applied, the unedited model's, and locality agreement."""
         n = batches.n_edits
+        # The unedited, cache and edited passes over a kind's batches run the blocks below the edited ones once.
+        hidden = {kind: self.shared_hidden(s) for kind, s in self.training_sources(batches).items()}
+
+        def score(kind: str, shifts: list[torch.Tensor] | None = None, reference: list | None = None):
+            logits = self.score_logits(hidden[kind])
+            return score_pass(self.model, self.hooks, getattr(batches, kind), n, shifts, reference, logits)
+
         out: dict[str, torch.Tensor] = {}
-        unrel_before = score_pass(self.model, self.hooks, batches.unrel, n)
-        out["unedited/ES"] = score_pass(self.model, self.hooks, batches.edit, n).accuracy
-        out["unedited/GS"] = score_pass(self.model, self.hooks, batches.equiv, n).accuracy
+        unrel_before = score("unrel")
+        out["unedited/ES"] = score("edit").accuracy
+        out["unedited/GS"] = score("equiv").accuracy
         out["unedited/LS"] = unrel_before.accuracy
-        cache = self.cache(batches)
+        cache = self.cache(batches, hidden["edit"])
         shifts = self.predict(cache, learn_statistics=False).shifts
-        out["edited/ES"] = score_pass(self.model, self.hooks, batches.edit, n, shifts).accuracy
-        out["edited/GS"] = score_pass(self.model, self.hooks, batches.equiv, n, shifts).accuracy
-        unrel_after = score_pass(self.model, self.hooks, batches.unrel, n, shifts, unrel_before.predictions)
+        out["edited/ES"] = score("edit", shifts).accuracy
+        out["edited/GS"] = score("equiv", shifts).accuracy
+        unrel_after = score("unrel", shifts, unrel_before.predictions)
         out["edited/LS"] = unrel_after.accuracy
         out["edited/loc_agreement"] = unrel_after.agreement
         out["unedited/loc_agreement"] = torch.ones(n)

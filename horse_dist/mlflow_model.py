@@ -44,8 +44,10 @@ class HyperNetEditorModel(mlflow.pyfunc.PythonModel):
         examples = [tokenize_example(self.tokenizer, prompt, answer) for prompt, answer in requests]
         batches = self.engine.micro_batches(examples)
         engine, n = self.engine, len(requests)
-        before = score_pass(engine.model, engine.hooks, batches, n).accuracy
-        after = score_pass(engine.model, engine.hooks, batches, n, shifts).accuracy
+        # both passes share the blocks below the edited ones
+        logits = engine.score_logits(engine.shared_hidden())
+        before = score_pass(engine.model, engine.hooks, batches, n, logits_fn=logits).accuracy
+        after = score_pass(engine.model, engine.hooks, batches, n, shifts, logits_fn=logits).accuracy
         return pd.DataFrame(
             {
                 "prompt": model_input["prompt"],

@@ -17,7 +17,7 @@ from horse_dist.data.packing import (
 )
 from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
 from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits, tail_layout
-from horse_dist.lm.block_cache import BlockInputCache
+from horse_dist.lm.block_cache import BlockInputCache, once_per_batch
 from horse_dist.lm.fast_forward import (
     PACKABLE,
     RESUMABLE,
@@ -434,3 +434,75 @@ def test_block_cache_is_bypassed_under_zero3_and_without_records():
     engine.deepspeed = ZeRO3()  # partitioned blocks are gathered in traced module order: no resuming
     batches.records = [(0, i) for i in range(8)]
     assert all(fn is None for fn in engine.training_sources(batches).values())
+
+
+def _block_calls(model) -> list[int]:
+    """A counter of the first decoder block's forwards (one per pass that runs the lower blocks)."""
+    calls = [0]
+    _blocks_of(model)[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_evaluation_runs_the_lower_blocks_once_per_batch():
+    """The unedited, cache and edited passes of an evaluation share what enters the lowest edited block:
+    the same scores as the plain passes, the lower blocks run once per micro-batch (none on a revisit
+    with the block-input cache)."""
+    results = {}
+    for name, budget in (("plain", 0), ("shared", 0), ("cached", 1)):
+        cfg = load_config(None, [*BLOCK_CACHE_CFG, f"train.block_cache_gb={budget}"])
+        torch.manual_seed(0)
+        engine, tokenizer = build_engine(cfg)
+        pools = load_data(cfg, tokenizer)
+        engine.meta_step(engine.batches_for(pools.train, list(range(8))), engine.make_optimizer())
+        if name == "plain":
+            engine.shared_hidden = lambda source=None: None
+        calls = _block_calls(engine.model)
+        batches = engine.batches_for(pools.eval, list(range(4)))
+        results[name] = engine.evaluate_batch(batches)
+        n_batches = len(batches.edit) + len(batches.equiv) + len(batches.unrel)
+        if name == "plain":  # the edit prompts: unedited, cache and edited passes; the others: two passes
+            assert calls[0] == 3 * len(batches.edit) + 2 * (len(batches.equiv) + len(batches.unrel))
+        else:
+            assert calls[0] == n_batches
+        if name == "cached":
+            again = engine.evaluate_batch(engine.batches_for(pools.eval, list(range(4))))
+            assert calls[0] == n_batches  # every prompt's states came from the block-input cache
+            assert again.keys() == results[name].keys()
+            for key in again:
+                torch.testing.assert_close(again[key], results[name][key], rtol=0, atol=0)
+    edited = results["plain"]["edited/loc_agreement"]
+    assert edited.shape == (4,) and not torch.equal(
+        results["plain"]["edited/ES"], results["plain"]["unedited/ES"]
+    )
+    for name in ("shared", "cached"):
+        assert results[name].keys() == results["plain"].keys()
+        for key, want in results["plain"].items():
+            torch.testing.assert_close(results[name][key], want, rtol=0, atol=0, msg=f"{name} {key}")
+
+
+def test_shared_hidden_is_off_where_passes_cannot_resume():
+    cfg = load_config(None, [*BLOCK_CACHE_CFG, "train.block_cache_gb=0"])
+    engine, _ = build_engine(cfg)
+    assert engine.shared_hidden() is not None and engine.score_logits(None) is None
+
+    class ZeRO3:
+        zero_stage = 3
+
+    engine.deepspeed = ZeRO3()
+    assert engine.shared_hidden() is None
+    engine.deepspeed, engine.lowest_block = None, 0  # what a family without resumable blocks sets
+    assert engine.shared_hidden() is None
+
+
+def test_once_per_batch_computes_each_batch_once():
+    tokenizer, model, examples = _setup("llama")
+    first, second = micro_batches(examples, 5, tokenizer.pad_token_id or 0)
+    seen = []
+
+    def hidden_fn(batch):
+        seen.append(batch)
+        return torch.full((1,), float(len(seen)))
+
+    hidden = once_per_batch(hidden_fn)
+    assert [float(hidden(b)) for b in (first, second, first, second)] == [1.0, 2.0, 1.0, 2.0]
+    assert seen[0] is first and seen[1] is second and len(seen) == 2

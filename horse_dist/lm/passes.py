@@ -163,18 +163,21 @@ def score_pass(
     n_examples: int,
     shifts: list[torch.Tensor] | None = None,
     reference_predictions: list[torch.Tensor] | None = None,
+    logits_fn: Logits | None = None,
 ) -> PassResult:
-    """Teacher-forced token accuracy per edit (ES/GS/LS semantics), optionally with the shifts applied."""
+    """Teacher-forced token accuracy per edit (ES/GS/LS semantics), optionally with the shifts applied.
+    `logits_fn` (default: answer_logits of `model`) computes a batch's answer logits."""
+    logits_fn = logits_fn or partial(answer_logits, model)
     accuracy = _per_edit_zeros(batches, n_examples)
     agreement = _per_edit_zeros(batches, n_examples) if reference_predictions is not None else None
     predictions = []
     for i, batch in enumerate(batches):
         _, labels_P, example_ids_P = batch.answer_positions()
         if shifts is None:
-            logits_PV = answer_logits(model, batch)
+            logits_PV = logits_fn(batch)
         else:
             with hooks.shifted(shifts):
-                logits_PV = answer_logits(model, batch)
+                logits_PV = logits_fn(batch)
         accuracy += per_example_accuracy(logits_PV, labels_P, example_ids_P, n_examples)
         pred_P = logits_PV.argmax(-1)
         predictions.append(pred_P)
