@@ -235,6 +235,8 @@ class EditEngine:
         method, timer = self.cfg.method, PhaseTimer()
         optimizer.zero_grad(set_to_none=False)
         sources = self.training_sources(batches)
+        if method.locality == "kl":  # its reference and shifted passes run over the same batches
+            sources["unrel"] = self.shared_hidden(sources["unrel"])
         with timer("cache"):
             cache = self.cache(batches, sources["edit"])
         prediction = self.predict(cache, learn_statistics=True, timer=timer, keep_graph=True)

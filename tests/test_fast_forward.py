@@ -241,6 +241,13 @@ def _blocks_of(model):
     return model.transformer.h if hasattr(model, "transformer") else model.model.layers
 
 
+def _block_calls(model) -> list[int]:
+    """A counter of the first decoder block's forwards (one per pass that runs the lower blocks)."""
+    calls = [0]
+    _blocks_of(model)[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
 def test_resuming_is_refused_where_embeddings_are_transformed():
     _, model, _ = _setup("gpt2")  # adds position embeddings to inputs_embeds
     with pytest.raises(ValueError, match="not supported for model_type 'gpt2'"):
@@ -364,8 +371,9 @@ BLOCK_CACHE_CFG = [
 @pytest.mark.parametrize("locality", ["ce", "kl"])
 def test_block_cache_and_answer_tail_meta_steps_equal_plain(locality):
     """Two visits of the same meta-batch: the answer-tail cache pass, and with the block cache the second
-    visit skipping the lower blocks, give the plain passes' results."""
-    runs = {}
+    visit skipping the lower blocks, give the plain passes' results. Without the block cache, the lower
+    blocks run once per micro-batch (KL: its reference and shifted passes share them)."""
+    runs, lower_block_runs = {}, {}
     variants = {
         "plain": ["train.block_cache_gb=0", "model.answer_tail=full"],
         "tail": ["train.block_cache_gb=0", "model.answer_tail=split"],
@@ -377,10 +385,17 @@ def test_block_cache_and_answer_tail_meta_steps_equal_plain(locality):
         engine, tokenizer = build_engine(cfg)
         pools = load_data(cfg, tokenizer)
         optimizer = engine.make_optimizer()
-        metrics = [
-            engine.meta_step(engine.batches_for(pools.train, list(range(8))), optimizer) for _ in range(2)
-        ]
+        if name == "plain":
+            engine.shared_hidden = lambda source=None: None
+        calls = _block_calls(engine.model)
+        batches = engine.batches_for(pools.train, list(range(8)))
+        metrics = [engine.meta_step(batches, optimizer) for _ in range(2)]
         runs[name] = (engine, metrics)
+        lower_block_runs[name] = calls[0]
+    n_per_step = len(batches.edit) + len(batches.equiv) + len(batches.unrel)
+    kl_reference = len(batches.unrel) if locality == "kl" else 0
+    assert lower_block_runs["plain"] == 2 * (n_per_step + kl_reference)
+    assert lower_block_runs["tail"] == 2 * n_per_step
     plain, cached = runs["plain"][0], runs["cached"][0]
     assert not plain.answer_tail and runs["tail"][0].answer_tail and plain.block_cache is None
     assert cached.block_cache.block == 2  # tiny_llama: 4 blocks, last 2 edited
@@ -434,13 +449,6 @@ def test_block_cache_is_bypassed_under_zero3_and_without_records():
     engine.deepspeed = ZeRO3()  # partitioned blocks are gathered in traced module order: no resuming
     batches.records = [(0, i) for i in range(8)]
     assert all(fn is None for fn in engine.training_sources(batches).values())
-
-
-def _block_calls(model) -> list[int]:
-    """A counter of the first decoder block's forwards (one per pass that runs the lower blocks)."""
-    calls = [0]
-    _blocks_of(model)[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    return calls
 
 
 def test_evaluation_runs_the_lower_blocks_once_per_batch():
