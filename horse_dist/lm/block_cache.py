@@ -5,7 +5,8 @@ lowest edited one are frozen and never shifted: what enters that block is a fixe
 From the second visit on, a pass feeds the stored states to the blocks above (fast_forward.blocks_from)
 and skips the bottom of the model: on SmolLM2 with the last 6 of 30 blocks edited, 80 % of a pass's
 forward matmuls. Memory is bounded by a budget (what does not fit is recomputed every time).
-`once_per_batch` keeps them for one micro-batch instead: the passes of one evaluation share them.
+`once_per_batch` keeps them per micro-batch instead, for passes over the same batches (an evaluation's
+unedited, cache and edited passes; KL locality's reference and shifted passes).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ SequenceAt = tuple[int, torch.Tensor, int]  # (row, positions, edit index) of a 
 
 
 def once_per_batch(hidden_fn: HiddenStates) -> HiddenStates:
-    """`hidden_fn`, run once per micro-batch (by identity) and then handed out again: the unedited, cache and
-    edited passes over the same batches run the frozen blocks below the lowest edited one once. The kept
-    states live as long as the returned function (one evaluation)."""
+    """`hidden_fn`, run once per micro-batch (by identity) and then handed out again, so that several passes
+    over the same batches run the frozen blocks below the lowest edited one once. The kept states live as
+    long as the returned function (one evaluation, one meta-step)."""
     kept: dict[int, tuple[TokenBatch, torch.Tensor]] = {}  # the batch is held so that its id stays its own
 
     def hidden(batch: TokenBatch) -> torch.Tensor:
