@@ -61,7 +61,7 @@ class EditBatches:
     equiv: list[TokenBatch]
     unrel: list[TokenBatch]
     n_edits: int
-    # (pool id, index in the pool) of each edit: the keys of the block-input cache
+    # (pool uid, index in the pool) of each edit: the keys of the block-input cache
     records: list[tuple[int, int]] | None = None
 
 
@@ -112,7 +112,7 @@ class EditEngine:
             local = [len(self._plan(v)) for v in views]
             counts = self._max_batch_counts(local)
         edit, equiv, unrel = (self.micro_batches(v, n) for v, n in zip(views, counts))
-        return EditBatches(edit, equiv, unrel, len(indices), [(id(pool), i) for i in indices])
+        return EditBatches(edit, equiv, unrel, len(indices), [(pool.uid, i) for i in indices])
 
     def _plan(self, examples: list, min_batches: int = 0) -> list:
         """Micro-batches as example indices (packed: per row), under the data config's limits."""

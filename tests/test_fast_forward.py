@@ -15,7 +15,7 @@ from horse_dist.data.packing import (
     packed_rows,
     shareable_length,
 )
-from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample
+from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample, TokenizedRecords
 from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits, tail_layout
 from horse_dist.lm.block_cache import BlockInputCache, once_per_batch
 from horse_dist.lm.fast_forward import (
@@ -433,6 +433,23 @@ def test_block_cache_respects_its_budget():
     pools = load_data(cfg, tokenizer)
     engine.meta_step(engine.batches_for(pools.train, list(range(8))), engine.make_optimizer())
     assert engine.block_cache.bytes <= 107 and len(engine.block_cache) == 0
+
+
+def test_block_cache_keys_name_the_pool():
+    """Two pools never share a key, also where the first is gone and id() would name the second alike."""
+    cfg = load_config(None, [*BLOCK_CACHE_CFG, "train.block_cache_gb=1"])
+    engine, tokenizer = build_engine(cfg)
+    pool = load_data(cfg, tokenizer).train
+    engine.evaluate_batch(engine.batches_for(pool, [0, 1, 2, 3]))
+    hits = engine.block_cache.hits
+    reordered = TokenizedRecords(
+        *(list(reversed(getattr(pool, kind))) for kind in ("edit", "equiv", "unrel"))
+    )
+    engine.evaluate_batch(engine.batches_for(reordered, [0, 1, 2, 3]))
+    assert engine.block_cache.hits == hits  # other prompts at the same indices: computed, not served
+    engine.evaluate_batch(engine.batches_for(pool, [0, 1, 2, 3]))
+    assert engine.block_cache.hits == hits + 3  # one micro-batch per prompt kind
+    assert TokenizedRecords([], [], []).uid != TokenizedRecords([], [], []).uid
 
 
 def test_block_cache_is_bypassed_under_zero3_and_without_records():

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
@@ -28,6 +29,9 @@ class TokenizedRecords:
     edit: list[TokenizedExample]  # (prompt, answer)
     equiv: list[TokenizedExample]  # (rephrase, answer)
     unrel: list[TokenizedExample]  # (loc_prompt, loc_answer)
+    # Names this pool in the block-input cache's keys: unlike id(), never reused by a later pool, in this
+    # process or another.
+    uid: int = field(default_factory=lambda: uuid.uuid4().int, compare=False)
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:

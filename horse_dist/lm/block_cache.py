@@ -18,7 +18,7 @@ from horse_dist.data import TokenBatch
 from horse_dist.lm.fast_forward import HiddenStates, hidden_entering_block
 from horse_dist.lm.passes import model_inputs
 
-Record = tuple[int, int]  # (pool id, index in the pool)
+Record = tuple[int, int]  # (pool uid, index in the pool)
 Key = tuple[str, Record]  # (prompt kind, record)
 SequenceAt = tuple[int, torch.Tensor, int]  # (row, positions, edit index) of a sequence in a batch
 
