@@ -495,13 +495,12 @@ def test_evaluation_runs_the_lower_blocks_once_per_batch():
             assert again.keys() == results[name].keys()
             for key in again:
                 torch.testing.assert_close(again[key], results[name][key], rtol=0, atol=0)
-    edited = results["plain"]["edited/loc_agreement"]
-    assert edited.shape == (4,) and not torch.equal(
-        results["plain"]["edited/ES"], results["plain"]["unedited/ES"]
-    )
+    plain = results["plain"]
+    assert plain["edited/loc_agreement"].shape == (4,)
+    assert not torch.equal(plain["edited/ES"], plain["unedited/ES"])  # the edits change the scores
     for name in ("shared", "cached"):
-        assert results[name].keys() == results["plain"].keys()
-        for key, want in results["plain"].items():
+        assert results[name].keys() == plain.keys()
+        for key, want in plain.items():
             torch.testing.assert_close(results[name][key], want, rtol=0, atol=0, msg=f"{name} {key}")
 
 
