@@ -61,7 +61,7 @@ def apply_edits(
     cached = time.perf_counter()
     shifts = engine.predict(cache, learn_statistics=False).shifts
     predicted = time.perf_counter()
-    logits = engine.score_logits(hidden)
+    logits = engine.resumed_logits(hidden)
     success = score_pass(engine.model, engine.hooks, batches, len(requests), shifts, None, logits).accuracy
     timings = {
         "cache_seconds": cached - started,

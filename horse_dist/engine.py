@@ -145,15 +145,15 @@ class EditEngine:
                 return tail_answer_logits(self.model, self.hooks, batch, hidden(batch), self.lowest_block)
 
         elif hidden_fn is not None:
-            recorded = recording(self.hooks, self._resumed(hidden_fn))
+            recorded = recording(self.hooks, self.resumed_logits(hidden_fn))
         else:
             recorded = None  # the plain full pass
         cache = cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale, recorded)
         return spill_over_budget(cache, self.cfg.dist.cache_budget_gb)  # unchanged within the budget
 
-    def training_sources(self, batches: EditBatches) -> dict[str, HiddenStates | None]:
-        """Per prompt kind, where the training passes get the states entering the lowest edited block: the
-        block-input cache where there is one; None: they run the blocks below."""
+    def block_cache_sources(self, batches: EditBatches) -> dict[str, HiddenStates | None]:
+        """Per prompt kind, the block-input cache's states entering the lowest edited block (for training
+        and evaluation passes); None where there is no usable cache: the passes run the blocks below."""
         usable = self.block_cache is not None and batches.records is not None and self._may_resume
         if not usable:
             return dict.fromkeys(PROMPT_KINDS)
@@ -165,10 +165,6 @@ class EditEngine:
         if self.lowest_block == 0 or not self._may_resume:
             return None
         return once_per_batch(source or self._hidden_below)
-
-    def score_logits(self, hidden_fn: HiddenStates | None) -> Logits | None:
-        """The scoring passes' answer logits, resumed from `hidden_fn` where given."""
-        return None if hidden_fn is None else self._resumed(hidden_fn)
 
     @property
     def _may_resume(self) -> bool:
@@ -185,9 +181,13 @@ class EditEngine:
         if self.answer_tail:
             hidden = hidden_fn or self._hidden_below
             return lambda b: last_block_tail_logits(self.model, b, hidden(b), self.lowest_block)
-        return None if hidden_fn is None else self._resumed(hidden_fn)
+        return self.resumed_logits(hidden_fn)
 
-    def _resumed(self, hidden_fn: HiddenStates) -> Logits:
+    def resumed_logits(self, hidden_fn: HiddenStates | None) -> Logits | None:
+        """Answer logits from the states `hidden_fn` gives for the lowest edited block; None (the plain full
+        pass) without it."""
+        if hidden_fn is None:
+            return None
         return lambda b: resumed_answer_logits(self.model, b, hidden_fn(b), self.lowest_block)
 
     def predict(
@@ -234,7 +234,7 @@ class EditEngine:
         """One meta-step on this worker's slice; returns metrics summed over this worker's edits."""
         method, timer = self.cfg.method, PhaseTimer()
         optimizer.zero_grad(set_to_none=False)
-        sources = self.training_sources(batches)
+        sources = self.block_cache_sources(batches)
         if method.locality == "kl":  # its reference and shifted passes run over the same batches
             sources["unrel"] = self.shared_hidden(sources["unrel"])
         with timer("cache"):
@@ -287,10 +287,10 @@ class EditEngine:
         """Per-edit ES/GS/LS with the predicted edit applied, the unedited model's, and locality agreement."""
         n = batches.n_edits
         # The unedited, cache and edited passes over a kind's batches run the blocks below the edited ones once.
-        hidden = {kind: self.shared_hidden(s) for kind, s in self.training_sources(batches).items()}
+        hidden = {kind: self.shared_hidden(s) for kind, s in self.block_cache_sources(batches).items()}
 
         def score(kind: str, shifts: list[torch.Tensor] | None = None, reference: list | None = None):
-            logits = self.score_logits(hidden[kind])
+            logits = self.resumed_logits(hidden[kind])
             return score_pass(self.model, self.hooks, getattr(batches, kind), n, shifts, reference, logits)
 
         out: dict[str, torch.Tensor] = {}

@@ -45,7 +45,7 @@ class HyperNetEditorModel(mlflow.pyfunc.PythonModel):
         batches = self.engine.micro_batches(examples)
         engine, n = self.engine, len(requests)
         # both passes share the blocks below the edited ones
-        logits = engine.score_logits(engine.shared_hidden())
+        logits = engine.resumed_logits(engine.shared_hidden())
         before = score_pass(engine.model, engine.hooks, batches, n, logits_fn=logits).accuracy
         after = score_pass(engine.model, engine.hooks, batches, n, shifts, logits_fn=logits).accuracy
         return pd.DataFrame(

@@ -456,16 +456,16 @@ def test_block_cache_is_bypassed_under_zero3_and_without_records():
     cfg = load_config(None, [*BLOCK_CACHE_CFG, "train.block_cache_gb=1"])
     engine, tokenizer = build_engine(cfg)
     batches = engine.batches_for(load_data(cfg, tokenizer).train, list(range(8)))
-    assert all(fn is not None for fn in engine.training_sources(batches).values())
+    assert all(fn is not None for fn in engine.block_cache_sources(batches).values())
     batches.records = None  # edit calls and evaluation carry no record keys
-    assert all(fn is None for fn in engine.training_sources(batches).values())
+    assert all(fn is None for fn in engine.block_cache_sources(batches).values())
 
     class ZeRO3:
         zero_stage = 3
 
     engine.deepspeed = ZeRO3()  # partitioned blocks are gathered in traced module order: no resuming
     batches.records = [(0, i) for i in range(8)]
-    assert all(fn is None for fn in engine.training_sources(batches).values())
+    assert all(fn is None for fn in engine.block_cache_sources(batches).values())
 
 
 def test_evaluation_runs_the_lower_blocks_once_per_batch():
@@ -507,7 +507,7 @@ def test_evaluation_runs_the_lower_blocks_once_per_batch():
 def test_shared_hidden_is_off_where_passes_cannot_resume():
     cfg = load_config(None, [*BLOCK_CACHE_CFG, "train.block_cache_gb=0"])
     engine, _ = build_engine(cfg)
-    assert engine.shared_hidden() is not None and engine.score_logits(None) is None
+    assert engine.shared_hidden() is not None and engine.resumed_logits(None) is None
 
     class ZeRO3:
         zero_stage = 3
