@@ -9,7 +9,14 @@ from pathlib import Path
 import torch
 
 from horse_dist.config import REPO_ROOT, RunConfig
-from horse_dist.data import EditRecord, TokenizedRecords, load_records, tokenize_records, train_eval_split
+from horse_dist.data import (
+    EditRecord,
+    TokenizedRecords,
+    answer_stop_id,
+    load_records,
+    tokenize_records,
+    train_eval_split,
+)
 from horse_dist.dist.world import LocalWorld
 from horse_dist.engine import EditEngine
 from horse_dist.lm.load import load_frozen_lm
@@ -57,11 +64,12 @@ def load_data(cfg: RunConfig, tokenizer) -> DataPools:
     if data.max_train_records:
         train_records = train_records[: data.max_train_records]
     log.info("data: %d training and %d evaluation edits", len(train_records), len(eval_records))
+    stop_id = answer_stop_id(tokenizer, data.answer_end)
     return DataPools(
         train_records,
         eval_records,
-        tokenize_records(tokenizer, train_records),
-        tokenize_records(tokenizer, eval_records),
+        tokenize_records(tokenizer, train_records, stop_id),
+        tokenize_records(tokenizer, eval_records, stop_id),
     )
 
 
@@ -103,4 +111,6 @@ def engine_for(
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.train.seed)  # the hypernetwork's init
-    return EditEngine(cfg, model, pad_id, names, world, device)
+    engine = EditEngine(cfg, model, pad_id, names, world, device)
+    engine.stop_id = answer_stop_id(tokenizer, cfg.data.answer_end)
+    return engine

@@ -62,6 +62,9 @@ class DataConfig:
     pack_row_tokens: int = 0
     share_prefixes: bool = True  # packed rows compute prompt prefixes that sequences share once (exact)
     max_train_records: int = 0  # 0: all
+    # eos: every edit and rephrase answer ends with end-of-text, so the editor learns to stop after the answer
+    # (the cache pass's keys and gradients include the position after it); never scored in ES/GS
+    answer_end: str = "none"
 
 
 @dataclass
@@ -93,6 +96,12 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate at the end only
     eval_n_edits: int = 64
     eval_batches: int = 4  # eval meta-batches of eval_n_edits (capped by the eval pool)
+    # live scores: greedy generations of eval_new_tokens from each prompt (generation/live.py); locality
+    # compares the first eval_loc_tokens of the unrelated prompts' continuations with the unedited model's
+    eval_live: bool = True
+    eval_new_tokens: int = 12
+    eval_loc_tokens: int = 8
+    eval_untrained: bool = True  # the final evaluation also scores the editor before meta-training
     checkpoint_every: int = 10
     out_dir: str = "runs"
     run_name: str = ""  # empty: <method>-<model>-<timestamp>
@@ -219,6 +228,7 @@ CHOICES = {
     "model.answer_tail": ("auto", "split", "full"),
     "data.target": ("new", "true"),
     "data.packing": ("auto", "packed", "padded"),
+    "data.answer_end": ("none", "eos"),
     "data.format": ("auto", "zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat"),
     "method.spread": ("orthogonal", "reference", "none"),
     "method.locality": ("ce", "kl"),
@@ -346,6 +356,8 @@ def validate(cfg: RunConfig) -> None:
         "method.rank": cfg.method.rank,
         "method.chunk_rows": cfg.method.chunk_rows,
         "train.eval_n_edits": cfg.train.eval_n_edits,
+        "train.eval_new_tokens": cfg.train.eval_new_tokens,
+        "train.eval_loc_tokens": cfg.train.eval_loc_tokens,
         "dist.num_workers": cfg.dist.num_workers,
         "model.n_edit_layers": cfg.model.n_edit_layers,
     }
@@ -362,6 +374,11 @@ def validate(cfg: RunConfig) -> None:
         )
     if cfg.train.block_cache_gb < 0:
         raise ConfigError(f"train.block_cache_gb must be >= 0 (0: off), got {cfg.train.block_cache_gb}")
+    if cfg.train.eval_loc_tokens > cfg.train.eval_new_tokens:
+        raise ConfigError(
+            f"train.eval_loc_tokens={cfg.train.eval_loc_tokens} exceeds train.eval_new_tokens="
+            f"{cfg.train.eval_new_tokens} (the tokens generated per prompt)"
+        )
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
 

@@ -54,7 +54,7 @@ def apply_edits(
 ) -> tuple[list[torch.Tensor], dict[str, float]]:
     """Cache + predict + solve for all requests at once; returns the shifts and timings."""
     started = time.perf_counter()
-    examples = [tokenize_example(tokenizer, prompt, answer) for prompt, answer in requests]
+    examples = [tokenize_example(tokenizer, prompt, answer, engine.stop_id) for prompt, answer in requests]
     batches = engine.micro_batches(examples)
     hidden = engine.shared_hidden()  # the cache and scoring passes run the blocks below the edited ones once
     cache = engine.cache(EditBatches(batches, [], [], len(requests)), hidden)
@@ -62,7 +62,9 @@ def apply_edits(
     shifts = engine.predict(cache, learn_statistics=False).shifts
     predicted = time.perf_counter()
     logits = engine.resumed_logits(hidden)
-    success = score_pass(engine.model, engine.hooks, batches, len(requests), shifts, None, logits).accuracy
+    success = score_pass(
+        engine.model, engine.hooks, batches, len(requests), shifts, None, logits, engine.stop_id
+    ).accuracy
     timings = {
         "cache_seconds": cached - started,
         "predict_solve_seconds": predicted - cached,

@@ -44,7 +44,8 @@ class HyperNetEditor:
         if not records:
             raise ValueError("edit() needs at least one record")
         started = time.perf_counter()
-        examples = tokenize_examples(self.tokenizer, [r.prompt for r in records], [r.answer for r in records])
+        prompts, answers = [r.prompt for r in records], [r.answer for r in records]
+        examples = tokenize_examples(self.tokenizer, prompts, answers, self.engine.stop_id)
         batches = self.engine.micro_batches(examples)
         cache = self.engine.cache(EditBatches(batches, [], [], len(records)))
         cached = time.perf_counter()

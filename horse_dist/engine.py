@@ -82,6 +82,8 @@ class EditEngine:
         self.bank = HyperNetBank(self.shapes, cfg.method).to(device)
         self.deepspeed = None  # the DeepSpeedLM of a distributed worker (build.build_engine sets it)
         self.loss_scale = float(cfg.data.batch_size)
+        # end-of-text taught after each edit answer (data.answer_end=eos; build.engine_for sets it): not scored
+        self.stop_id: int | None = None
         # Losses are sums of per-edit means times 1/loss_scale, so the grouping into micro-batches only
         # changes speed and memory (large ones fill a GPU), never the result.
         self.micro_batch_rows = cfg.data.micro_batch_size or cfg.data.batch_size
@@ -128,6 +130,11 @@ class EditEngine:
         """ZeRO-3 with several workers: every LM pass all-gathers weight shards from all workers, so each
         worker must run the same number of micro-batches (a worker with one pass more would wait forever)."""
         return self.world.size > 1 and self.deepspeed is not None and self.deepspeed.zero_stage == 3
+
+    @property
+    def can_generate(self) -> bool:
+        """Free generation runs a different number of forwards per worker, which lockstep ZeRO-3 forbids."""
+        return not self.lockstep
 
     def _max_batch_counts(self, local: list[int]) -> list[int]:
         table = torch.zeros(self.world.size, len(local), dtype=torch.float64)
@@ -196,17 +203,20 @@ class EditEngine:
         learn_statistics: bool,
         timer: PhaseTimer | None = None,
         keep_graph: bool = False,
+        bank: HyperNetBank | None = None,
     ) -> Prediction:
-        """Shifts S_l for the cached edits. Training merges the step's moments into the normalisers first;
-        evaluation and editing use the trained statistics (and fall back to the batch's own if there are none)."""
-        if learn_statistics or not self.bank.normalizers_ready():
+        """Shifts S_l for the cached edits (by `bank`, default the engine's). Training merges the step's
+        moments into the normalisers first; evaluation and editing use the trained statistics (and fall back
+        to the batch's own if there are none)."""
+        bank = bank or self.bank
+        if learn_statistics or not bank.normalizers_ready():
             if not learn_statistics:
                 log.warning("hypernetwork normaliser has no statistics yet; using this batch's")
-            if self.cfg.method.eta_init_mode == "key_energy" and not self.bank.normalizers_ready():
-                set_step_units_from_keys(self.bank, cache.keys, self.world)
-            update_normalizers(self.bank, cache.keys, cache.grads, self.world)
+            if self.cfg.method.eta_init_mode == "key_energy" and not bank.normalizers_ready():
+                set_step_units_from_keys(bank, cache.keys, self.world)
+            update_normalizers(bank, cache.keys, cache.grads, self.world)
         return predict_shifts(
-            self.bank,
+            bank,
             cache.keys,
             cache.grads,
             self.cfg.method,
@@ -251,6 +261,7 @@ class EditEngine:
                 "ce",
                 1.0 / self.loss_scale,
                 self._loss_logits(sources["equiv"]),
+                self.stop_id,
             )
         with timer("locality"):
             loc = loss_pass(
@@ -262,7 +273,7 @@ class EditEngine:
                 method.locality,
                 method.loc_coef / self.loss_scale,
                 self._loss_logits(sources["unrel"]),
-            )
+            )  # unrelated answers never end with the stop label
         grad_shifts = [s.grad if s.grad is not None else torch.zeros_like(s) for s in shifts]
         meta_backward(self.bank, cache.keys, cache.grads, prediction, grad_shifts, method, self.world, timer)
         with timer("optimizer"):
@@ -283,27 +294,37 @@ class EditEngine:
         return metrics
 
     # ---- evaluation -------------------------------------------------------------------------------------
-    def evaluate_batch(self, batches: EditBatches) -> dict[str, torch.Tensor]:
-        """Per-edit ES/GS/LS with the predicted edit applied, the unedited model's, and locality agreement."""
+    def evaluate_batch(
+        self, batches: EditBatches, editors: dict[str, HyperNetBank] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, list[torch.Tensor]]]:
+        """Per-edit ES/GS/LS of the unedited model and, with each editor's predicted edit applied, of the
+        edited one (`<editor>/ES` ..., default one editor "edited" = the engine's bank), plus locality
+        agreement. Returns the scores and each editor's shifts."""
+        editors = editors or {"edited": self.bank}
         n = batches.n_edits
         # The unedited, cache and edited passes over a kind's batches run the blocks below the edited ones once.
         hidden = {kind: self.shared_hidden(s) for kind, s in self.block_cache_sources(batches).items()}
 
         def score(kind: str, shifts: list[torch.Tensor] | None = None, reference: list | None = None):
             logits = self.resumed_logits(hidden[kind])
-            return score_pass(self.model, self.hooks, getattr(batches, kind), n, shifts, reference, logits)
+            return score_pass(
+                self.model, self.hooks, getattr(batches, kind), n, shifts, reference, logits, self.stop_id
+            )
 
         out: dict[str, torch.Tensor] = {}
         unrel_before = score("unrel")
         out["unedited/ES"] = score("edit").accuracy
         out["unedited/GS"] = score("equiv").accuracy
         out["unedited/LS"] = unrel_before.accuracy
-        cache = self.cache(batches, hidden["edit"])
-        shifts = self.predict(cache, learn_statistics=False).shifts
-        out["edited/ES"] = score("edit", shifts).accuracy
-        out["edited/GS"] = score("equiv", shifts).accuracy
-        unrel_after = score("unrel", shifts, unrel_before.predictions)
-        out["edited/LS"] = unrel_after.accuracy
-        out["edited/loc_agreement"] = unrel_after.agreement
         out["unedited/loc_agreement"] = torch.ones(n)
-        return out
+        cache = self.cache(batches, hidden["edit"])  # K and G do not depend on the editor
+        all_shifts = {}
+        for name, bank in editors.items():
+            shifts = self.predict(cache, learn_statistics=False, bank=bank).shifts
+            out[f"{name}/ES"] = score("edit", shifts).accuracy
+            out[f"{name}/GS"] = score("equiv", shifts).accuracy
+            unrel_after = score("unrel", shifts, unrel_before.predictions)
+            out[f"{name}/LS"] = unrel_after.accuracy
+            out[f"{name}/loc_agreement"] = unrel_after.agreement
+            all_shifts[name] = shifts
+        return out, all_shifts

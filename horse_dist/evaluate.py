@@ -20,25 +20,58 @@ from tqdm import tqdm
 from horse_dist.config import RunConfig, split_cli
 from horse_dist.data import TokenizedRecords, meta_batch_indices, shard_slice
 from horse_dist.engine import EditEngine
+from horse_dist.generation.live import LIVE_METRICS, LiveEval, LiveRequests
+from horse_dist.pipeline import HyperNetBank, untrained_bank
 
 log = logging.getLogger(__name__)
 
-METRICS = ("ES", "GS", "LS", "loc_agreement")
+TEACHER_FORCED = ("ES", "GS", "LS", "loc_agreement")
+ROWS = ("unedited", "untrained", "edited")
 
 
 def evaluate_pool(
-    engine: EditEngine, pool: TokenizedRecords, n_edits: int, n_batches: int, seed: int, progress: bool = True
+    engine: EditEngine,
+    pool: TokenizedRecords,
+    n_edits: int,
+    n_batches: int,
+    seed: int,
+    progress: bool = True,
+    live: LiveEval | None = None,
+    untrained: HyperNetBank | None = None,
 ) -> dict[str, float]:
-    """Means over `n_batches` disjoint batches of `n_edits` edits (each edited at once, then reverted)."""
+    """Means over `n_batches` disjoint batches of `n_edits` edits (each edited at once, then reverted):
+    `<row>/<metric>` for the unedited model, the trained editor ("edited") and, given `untrained`, the editor
+    before meta-training; teacher-forced scores always, live (generation) scores with `live`."""
     n_edits = min(n_edits, len(pool.edit))
     n_batches = max(1, min(n_batches, len(pool.edit) // n_edits))
     world = engine.world
+    editors = (
+        {"edited": engine.bank} if untrained is None else {"untrained": untrained, "edited": engine.bank}
+    )
+    generate = live is not None and engine.can_generate
+    if live is not None and not generate:
+        log.warning("live (generation) scores are skipped under ZeRO-3 with several workers")
     sums: dict[str, torch.Tensor] = {}
+
+    def add(row: str, scores: dict[str, torch.Tensor]) -> None:
+        for key, values in scores.items():
+            name = f"{row}/{key}" if row else key
+            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64)) + values.double().sum()
+
     for batch_index in tqdm(range(n_batches), desc="evaluate", disable=not progress, leave=False):
-        indices = meta_batch_indices(len(pool.edit), n_edits, seed, batch_index)
-        batches = engine.batches_for(pool, shard_slice(indices, world.rank, world.size))
-        for key, values in engine.evaluate_batch(batches).items():
-            sums[key] = sums.get(key, torch.zeros((), dtype=torch.float64)) + values.double().sum()
+        indices = shard_slice(
+            meta_batch_indices(len(pool.edit), n_edits, seed, batch_index), world.rank, world.size
+        )
+        scores, shifts = engine.evaluate_batch(engine.batches_for(pool, indices), editors)
+        add("", scores)
+        if generate:
+            requests = LiveRequests.from_pool(pool, indices)
+            reference = live.generate(engine.model, requests)
+            add("unedited", live.scores(requests, reference, reference["unrel"]))
+            for row, row_shifts in shifts.items():
+                with engine.hooks.shifted(row_shifts):
+                    generated = live.generate(engine.model, requests)
+                add(row, live.scores(requests, generated, reference["unrel"]))
     keys = sorted(sums)
     totals = world.all_reduce_sum(torch.stack([sums[k] for k in keys]))
     count = n_edits * n_batches
@@ -48,12 +81,48 @@ def evaluate_pool(
     return result
 
 
+def live_eval_for(cfg: RunConfig, tokenizer) -> LiveEval | None:
+    """The live scoring the config asks for (None: teacher-forced scores only)."""
+    if not cfg.train.eval_live:
+        return None
+    return LiveEval(tokenizer, cfg.train.eval_new_tokens, cfg.train.eval_loc_tokens)
+
+
+def full_evaluation(
+    cfg: RunConfig,
+    engine: EditEngine,
+    pool: TokenizedRecords,
+    tokenizer,
+    n_edits: int,
+    progress: bool = True,
+) -> dict[str, float]:
+    """The evaluation a run reports: eval_batches x n_edits edits, teacher-forced and live, beside the
+    unedited model and (train.eval_untrained) the editor before meta-training."""
+    untrained = untrained_bank(engine.bank, cfg.method) if cfg.train.eval_untrained else None
+    return evaluate_pool(
+        engine,
+        pool,
+        n_edits,
+        cfg.train.eval_batches,
+        cfg.train.seed,
+        progress,
+        live_eval_for(cfg, tokenizer),
+        untrained,
+    )
+
+
 def format_table(result: dict[str, float]) -> str:
-    lines = [f"{'model':<10}" + "".join(f"{m:>15}" for m in METRICS)]
-    for row in ("unedited", "edited"):
-        lines.append(
-            f"{row:<10}" + "".join(f"{result.get(f'{row}/{m}', float('nan')):>15.3f}" for m in METRICS)
-        )
+    """The teacher-forced and (where measured) live scores, a row per model state."""
+    rows = [row for row in ROWS if f"{row}/ES" in result]
+    groups = [TEACHER_FORCED] + ([LIVE_METRICS] if any(f"edited/{m}" in result for m in LIVE_METRICS) else [])
+    lines = []
+    for group in groups:
+        lines.append(f"{'model':<10}" + "".join(f"{m:>{max(len(m) + 2, 8)}}" for m in group))
+        for row in rows:
+            values = [result.get(f"{row}/{m}", float("nan")) for m in group]
+            lines.append(
+                f"{row:<10}" + "".join(f"{v:>{max(len(m) + 2, 8)}.3f}" for m, v in zip(group, values))
+            )
     return "\n".join(lines)
 
 
@@ -76,12 +145,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pools = load_data(cfg, tokenizer)
     if "sweep" in extras:
         sizes = [int(n) for n in extras["sweep"].split(",") if n.strip()]
-        result = run_sweep(cfg, engine, pools.eval, sizes, str(extras["checkpoint"]))
+        result = run_sweep(cfg, engine, tokenizer, pools.eval, sizes, str(extras["checkpoint"]))
         if "out" in extras:
             with open(extras["out"], "w") as handle:
                 json.dump(result, handle, indent=2)
         return result
-    result = evaluate_pool(engine, pools.eval, cfg.data.n_edits, cfg.train.eval_batches, cfg.train.seed)
+    result = tracked_evaluation(cfg, engine, tokenizer, pools.eval, str(extras["checkpoint"]))
     print(format_table(result))  # noqa: T201
     if "out" in extras:
         with open(extras["out"], "w") as handle:
@@ -89,8 +158,42 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return result
 
 
+def tracked_evaluation(
+    cfg: RunConfig, engine: EditEngine, tokenizer, pool: TokenizedRecords, checkpoint: str
+) -> dict[str, float]:
+    """full_evaluation at data.n_edits, logged as its own MLflow run (`eval/<row>/<metric>`, as training
+    runs log their final evaluation)."""
+    from pathlib import Path
+
+    from horse_dist.config import flatten
+    from horse_dist.tracking import experiment_name, make_tracker, run_tags
+
+    tracker = make_tracker(
+        cfg.tracking.enabled,
+        cfg.tracking.uri,
+        experiment_name(cfg),
+        f"eval-{Path(checkpoint).name}-n{cfg.data.n_edits}",
+        {**run_tags(cfg, world_size=1), "checkpoint": checkpoint},
+        cfg.tracking,
+    )
+    tracker.log_params(flatten(cfg))
+    try:
+        result = full_evaluation(cfg, engine, pool, tokenizer, cfg.data.n_edits)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, 0)
+    tracker.finish()
+    return result
+
+
 def run_sweep(
-    cfg: RunConfig, engine: EditEngine, pool: TokenizedRecords, sizes: list[int], checkpoint: str
+    cfg: RunConfig,
+    engine: EditEngine,
+    tokenizer,
+    pool: TokenizedRecords,
+    sizes: list[int],
+    checkpoint: str,
 ) -> dict[str, float]:
     """Evaluate at each number of edits: one MLflow parent run, a nested child run per size, and the
     ES/GS/LS-against-edits plot on the parent. Returns `n_edits=<n>/<metric>` for every size."""
@@ -126,7 +229,7 @@ def run_sweep(
             )
             cfg.data.n_edits = n_edits
             child.log_params(flatten(cfg))
-            result = evaluate_pool(engine, pool, n_edits, cfg.train.eval_batches, cfg.train.seed)
+            result = full_evaluation(cfg, engine, pool, tokenizer, n_edits)
             child.log_metrics({f"eval/{k}": v for k, v in result.items()}, 0)
             child.finish()
             parent.log_metrics({f"eval/{k}": v for k, v in result.items()}, n_edits)

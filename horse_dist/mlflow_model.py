@@ -41,13 +41,16 @@ class HyperNetEditorModel(mlflow.pyfunc.PythonModel):
             raise ValueError(f"input table lacks column(s) {missing}; expected {list(REQUIRED_COLUMNS)}")
         requests = [(str(p), str(a).strip()) for p, a in zip(model_input["prompt"], model_input["answer"])]
         shifts, _ = apply_edits(self.engine, self.tokenizer, requests)
-        examples = [tokenize_example(self.tokenizer, prompt, answer) for prompt, answer in requests]
+        stop = self.engine.stop_id
+        examples = [tokenize_example(self.tokenizer, prompt, answer, stop) for prompt, answer in requests]
         batches = self.engine.micro_batches(examples)
         engine, n = self.engine, len(requests)
         # both passes share the blocks below the edited ones
         logits = engine.resumed_logits(engine.shared_hidden())
-        before = score_pass(engine.model, engine.hooks, batches, n, logits_fn=logits).accuracy
-        after = score_pass(engine.model, engine.hooks, batches, n, shifts, logits_fn=logits).accuracy
+        before = score_pass(
+            engine.model, engine.hooks, batches, n, logits_fn=logits, unscored_label=stop
+        ).accuracy
+        after = score_pass(engine.model, engine.hooks, batches, n, shifts, None, logits, stop).accuracy
         return pd.DataFrame(
             {
                 "prompt": model_input["prompt"],

@@ -259,3 +259,16 @@ def _ensure_grad(param: torch.Tensor) -> None:
     # Every worker must all-reduce the same set of gradient buffers, even where it had no rows.
     if param.grad is None:
         param.grad = torch.zeros_like(param)
+
+
+def untrained_bank(bank: HyperNetBank, method: MethodConfig) -> HyperNetBank:
+    """The editor before meta-training, the baseline a trained one must beat: every block at its identity
+    init, η and λ at their initial values, with `bank`'s input statistics and η units (statistics of the
+    data, not learned)."""
+    device = next(bank.parameters()).device
+    with torch.random.fork_rng(devices=[]):  # the blocks' random A must not move the run's RNG stream
+        fresh = HyperNetBank(bank.shapes, method).to(device)
+    for key, net in fresh.nets.items():
+        net.normalizer.load_state_dict(bank.nets[key].normalizer.state_dict())
+        net.eta_unit.copy_(bank.nets[key].eta_unit)
+    return fresh.requires_grad_(False)

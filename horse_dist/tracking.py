@@ -343,7 +343,8 @@ def plot_histories(history: dict[str, list[tuple[int, float]]]) -> Any:
 
 
 def plot_vs_edits(rows: list[dict[str, float]], title: str = "") -> Any:
-    """ES/GS/LS (edited, and unedited dashed) against the number of edits, like the HORSE/MALMEN Fig. 2."""
+    """ES/GS/LS and the live scores (edited, and unedited dashed) against the number of edits, like the
+    HORSE/MALMEN Fig. 2."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -352,7 +353,8 @@ def plot_vs_edits(rows: list[dict[str, float]], title: str = "") -> Any:
     rows = sorted(rows, key=lambda r: r["n_edits"])
     x = [r["n_edits"] for r in rows]
     figure, axis = plt.subplots(figsize=(6, 4))
-    for metric, colour in (("ES", "C0"), ("GS", "C1"), ("LS", "C2"), ("loc_agreement", "C3")):
+    curves = ("ES", "GS", "LS", "loc_agreement", "live_ES", "live_GS", "loc_gen_same")
+    for metric, colour in zip(curves, (f"C{i}" for i in range(len(curves)))):
         if all(f"edited/{metric}" in r for r in rows):
             axis.plot(x, [r[f"edited/{metric}"] for r in rows], "-o", color=colour, label=metric)
         if all(f"unedited/{metric}" in r for r in rows):

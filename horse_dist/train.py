@@ -30,7 +30,7 @@ from horse_dist.checkpoint import (
 from horse_dist.config import ConfigError, RunConfig, flatten, load_config, split_cli, to_yaml
 from horse_dist.data import meta_batch_indices, shard_slice
 from horse_dist.dist.world import LocalWorld
-from horse_dist.evaluate import evaluate_pool, format_table
+from horse_dist.evaluate import evaluate_pool, format_table, full_evaluation, live_eval_for
 from horse_dist.signals import exit_on_sigterm
 from horse_dist.tracking import (
     Tracker,
@@ -160,7 +160,13 @@ def train_worker(
         last = step + 1 == cfg.train.steps
         if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
             result = evaluate_pool(
-                engine, pools.eval, cfg.train.eval_n_edits, cfg.train.eval_batches, cfg.train.seed, rank0
+                engine,
+                pools.eval,
+                cfg.train.eval_n_edits,
+                cfg.train.eval_batches,
+                cfg.train.seed,
+                rank0,
+                live_eval_for(cfg, tokenizer),
             )
             if rank0:
                 tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step + 1)
@@ -175,9 +181,7 @@ def train_worker(
             )
             store.save(state, metrics)
 
-    result = evaluate_pool(
-        engine, pools.eval, cfg.train.eval_n_edits, cfg.train.eval_batches, cfg.train.seed, rank0
-    )
+    result = full_evaluation(cfg, engine, pools.eval, tokenizer, cfg.train.eval_n_edits, rank0)
     if step_times:
         result["median_step_seconds"] = statistics.median(step_times)
         result.update({f"median_{k}": statistics.median(v) for k, v in phase_times.items()})

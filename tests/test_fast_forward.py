@@ -483,14 +483,14 @@ def test_evaluation_runs_the_lower_blocks_once_per_batch():
             engine.shared_hidden = lambda source=None: None
         calls = _block_calls(engine.model)
         batches = engine.batches_for(pools.eval, list(range(4)))
-        results[name] = engine.evaluate_batch(batches)
+        results[name], _ = engine.evaluate_batch(batches)
         n_batches = len(batches.edit) + len(batches.equiv) + len(batches.unrel)
         if name == "plain":  # the edit prompts: unedited, cache and edited passes; the others: two passes
             assert calls[0] == 3 * len(batches.edit) + 2 * (len(batches.equiv) + len(batches.unrel))
         else:
             assert calls[0] == n_batches
         if name == "cached":
-            again = engine.evaluate_batch(engine.batches_for(pools.eval, list(range(4))))
+            again, _ = engine.evaluate_batch(engine.batches_for(pools.eval, list(range(4))))
             assert calls[0] == n_batches  # every prompt's states came from the block-input cache
             assert again.keys() == results[name].keys()
             for key in again:

@@ -97,7 +97,7 @@ def test_evaluate_and_edit_on_cuda(tiny_llama, tmp_path):
     engine, tokenizer = build_engine(cfg)
     pools = load_data(cfg, tokenizer)
     batches = engine.batches_for(pools.eval, list(range(8)))
-    scores = engine.evaluate_batch(batches)
+    scores, _ = engine.evaluate_batch(batches)
     assert all(v.shape == (8,) for v in scores.values())
     assert float(scores["edited/ES"].mean()) >= float(scores["unedited/ES"].mean())
 

@@ -18,10 +18,14 @@ _WORD_START_MARKERS = ("▁", "Ġ")  # SentencePiece / byte-level BPE spellings 
 class TokenizedExample:
     input_ids: list[int]  # prompt ids + answer ids[:-1]
     labels: list[int]  # IGNORE_INDEX for the first len(prompt)-1 positions, then the answer ids
+    # the last label is an end-of-text that ends the answer (data.answer_end=eos): learned, never scored
+    ends_with_stop: bool = False
 
     @property
     def answer_ids(self) -> list[int]:
-        return [label for label in self.labels if label != IGNORE_INDEX]
+        """The answer's own ids (without the end-of-text that may follow it)."""
+        ids = [label for label in self.labels if label != IGNORE_INDEX]
+        return ids[:-1] if self.ends_with_stop else ids
 
 
 @dataclass
@@ -72,17 +76,24 @@ def _detach_leading_space(
     return prompt_ids, answer_ids
 
 
-def _example(prompt_ids: list[int], answer_ids: list[int]) -> TokenizedExample:
+def _example(prompt_ids: list[int], answer_ids: list[int], stop_id: int | None) -> TokenizedExample:
+    if stop_id is not None:
+        answer_ids = [*answer_ids, stop_id]
     return TokenizedExample(
         input_ids=prompt_ids + answer_ids[:-1],
         labels=[IGNORE_INDEX] * (len(prompt_ids) - 1) + answer_ids,
+        ends_with_stop=stop_id is not None,
     )
 
 
 def tokenize_examples(
-    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], answers: Sequence[str]
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    stop_id: int | None = None,
 ) -> list[TokenizedExample]:
     """Tokenise `prompt + " " + answer` pairs, in batched calls, as the tokenizer tokenises that text.
+    With `stop_id` (end-of-text), the answer's labels end with it: the model is taught to stop after the answer.
 
     The answer ids are what the full text adds after the prompt's ids. Where the prompt's ids are not a
     prefix of the full text's (a merge across the boundary), the answer is tokenised on its own after a
@@ -111,18 +122,33 @@ def tokenize_examples(
             raise ValueError(f"answer {answer!r} (prompt {prompt!r}) tokenises to zero tokens")
         if not prompt_part:
             raise ValueError(f"prompt {prompt!r} tokenises to zero tokens")
-        examples.append(_example(*_detach_leading_space(tokenizer, prompt_part, answer_part)))
+        examples.append(_example(*_detach_leading_space(tokenizer, prompt_part, answer_part), stop_id))
     return examples
 
 
-def tokenize_example(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> TokenizedExample:
-    return tokenize_examples(tokenizer, [prompt], [answer])[0]
+def tokenize_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, stop_id: int | None = None
+) -> TokenizedExample:
+    return tokenize_examples(tokenizer, [prompt], [answer], stop_id)[0]
 
 
-def tokenize_records(tokenizer: PreTrainedTokenizerBase, records: Sequence[EditRecord]) -> TokenizedRecords:
-    """Tokenise once, up front, the three views (edit, equivalent, unrelated) of every record."""
+def answer_stop_id(tokenizer: PreTrainedTokenizerBase, answer_end: str) -> int | None:
+    """The id that ends every edit answer (`data.answer_end`): end-of-text for "eos", none for "none"."""
+    if answer_end == "none":
+        return None
+    if tokenizer.eos_token_id is None:
+        raise ValueError("data.answer_end=eos needs a tokenizer with an eos token; use data.answer_end=none")
+    return int(tokenizer.eos_token_id)
+
+
+def tokenize_records(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[EditRecord], stop_id: int | None = None
+) -> TokenizedRecords:
+    """Tokenise once, up front, the three views (edit, equivalent, unrelated) of every record; the edit and
+    equivalent answers end with `stop_id` where given (the unrelated prompts keep their own answers)."""
+    answers = [r.answer for r in records]
     return TokenizedRecords(
-        edit=tokenize_examples(tokenizer, [r.prompt for r in records], [r.answer for r in records]),
-        equiv=tokenize_examples(tokenizer, [r.rephrase for r in records], [r.answer for r in records]),
+        edit=tokenize_examples(tokenizer, [r.prompt for r in records], answers, stop_id),
+        equiv=tokenize_examples(tokenizer, [r.rephrase for r in records], answers, stop_id),
         unrel=tokenize_examples(tokenizer, [r.loc_prompt for r in records], [r.loc_answer for r in records]),
     )

@@ -43,14 +43,23 @@ def per_example_kl(
 
 
 def per_example_accuracy(
-    logits_PV: Tensor, labels_P: Tensor, example_ids_P: Tensor, n_examples: int
+    logits_PV: Tensor,
+    labels_P: Tensor,
+    example_ids_P: Tensor,
+    n_examples: int,
+    unscored_label: int | None = None,
 ) -> Tensor:
     """(E,) teacher-forced top-1 token accuracy: fraction of positions with argmax logits == label.
 
     MALMEN/HORSE ES/GS/LS semantics (per-example token accuracy, then the caller averages examples).
+    Positions whose label is `unscored_label` (an end-of-text taught after the answer) are left out.
     """
-    hit_P = (logits_PV.argmax(-1) == labels_P.to(logits_PV.device)).float()
-    return _per_example_mean(hit_P, example_ids_P, n_examples)
+    labels_P = labels_P.to(logits_PV.device)
+    hit_P = (logits_PV.argmax(-1) == labels_P).float()
+    if unscored_label is None:
+        return _per_example_mean(hit_P, example_ids_P, n_examples)
+    scored_P = labels_P != unscored_label
+    return _per_example_mean(hit_P[scored_P], example_ids_P.to(labels_P.device)[scored_P], n_examples)
 
 
 def per_example_agreement(

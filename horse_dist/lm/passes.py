@@ -132,8 +132,10 @@ def loss_pass(
     objective: str,
     weight: float,
     logits_fn: Logits | None = None,
+    unscored_label: int | None = None,
 ) -> PassResult:
-    """Forward+backward of `weight` × Σ_edits loss with the shifts applied; S_l.grad accumulates g_S."""
+    """Forward+backward of `weight` × Σ_edits loss with the shifts applied; S_l.grad accumulates g_S.
+    The accuracy leaves out positions labelled `unscored_label`; the loss counts them."""
     logits_fn = logits_fn or partial(answer_logits, model)
     losses, accuracy = _per_edit_zeros(batches, n_examples), _per_edit_zeros(batches, n_examples)
     for batch in batches:
@@ -151,7 +153,9 @@ def loss_pass(
             raise ValueError(f"unknown objective {objective!r}; expected ce or kl")
         (loss_E.sum() * weight).backward()
         losses += loss_E.detach()
-        accuracy += per_example_accuracy(logits_PV.detach(), labels_P, example_ids_P, n_examples)
+        accuracy += per_example_accuracy(
+            logits_PV.detach(), labels_P, example_ids_P, n_examples, unscored_label
+        )
     return PassResult(losses.cpu(), accuracy.cpu())
 
 
@@ -164,9 +168,11 @@ def score_pass(
     shifts: list[torch.Tensor] | None = None,
     reference_predictions: list[torch.Tensor] | None = None,
     logits_fn: Logits | None = None,
+    unscored_label: int | None = None,
 ) -> PassResult:
     """Teacher-forced token accuracy per edit (ES/GS/LS semantics), optionally with the shifts applied.
-    `logits_fn` (default: answer_logits of `model`) computes a batch's answer logits."""
+    `logits_fn` (default: answer_logits of `model`) computes a batch's answer logits; positions labelled
+    `unscored_label` (the end-of-text after an answer) are not scored."""
     logits_fn = logits_fn or partial(answer_logits, model)
     accuracy = _per_edit_zeros(batches, n_examples)
     agreement = _per_edit_zeros(batches, n_examples) if reference_predictions is not None else None
@@ -178,7 +184,7 @@ def score_pass(
         else:
             with hooks.shifted(shifts):
                 logits_PV = logits_fn(batch)
-        accuracy += per_example_accuracy(logits_PV, labels_P, example_ids_P, n_examples)
+        accuracy += per_example_accuracy(logits_PV, labels_P, example_ids_P, n_examples, unscored_label)
         pred_P = logits_PV.argmax(-1)
         predictions.append(pred_P)
         if agreement is not None:
