@@ -21,7 +21,16 @@ from horse_dist.config import ConfigError, flatten, load_config_with_extras, spl
 
 log = logging.getLogger("horse_dist.sweep")
 
-TABLE_KEYS = ("edited/ES", "edited/GS", "edited/LS", "edited/loc_agreement", "median_step_seconds")
+TABLE_KEYS = (
+    "edited/ES",
+    "edited/GS",
+    "edited/LS",
+    "edited/loc_agreement",
+    "edited/live_ES",
+    "edited/live_GS",
+    "edited/loc_gen_same",
+    "median_step_seconds",
+)
 
 
 def parse_methods(text: str) -> list[str]:
@@ -50,8 +59,8 @@ def plot_methods(rows: dict[str, dict[str, float]], title: str) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ("edited/ES", "edited/GS", "edited/LS")
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    metrics = ("edited/ES", "edited/GS", "edited/LS", "edited/live_ES", "edited/loc_gen_same")
+    figure, axis = plt.subplots(figsize=(7, 3.5))
     width = 0.8 / max(1, len(rows))
     for i, (method, result) in enumerate(rows.items()):
         positions = [m + i * width for m in range(len(metrics))]
