@@ -111,6 +111,6 @@ def engine_for(
     )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.train.seed)  # the hypernetwork's init
-    engine = EditEngine(cfg, model, pad_id, names, world, device)
-    engine.stop_id = answer_stop_id(tokenizer, cfg.data.answer_end)
-    return engine
+    return EditEngine(
+        cfg, model, pad_id, names, world, device, answer_stop_id(tokenizer, cfg.data.answer_end)
+    )

@@ -74,16 +74,17 @@ class EditEngine:
         module_names: list[str],
         world: LocalWorld,
         device: torch.device,
+        stop_id: int | None = None,
     ) -> None:
         self.cfg, self.model, self.pad_id, self.world, self.device = cfg, model, pad_id, world, device
+        # end-of-text taught after each edit answer (data.answer_end=eos): learned, never scored
+        self.stop_id = stop_id
         self.module_names = list(module_names)
         self.shapes = [module_shape(model.get_submodule(name)) for name in self.module_names]
         self.hooks = EditHooks(model, self.module_names)
         self.bank = HyperNetBank(self.shapes, cfg.method).to(device)
         self.deepspeed = None  # the DeepSpeedLM of a distributed worker (build.build_engine sets it)
         self.loss_scale = float(cfg.data.batch_size)
-        # end-of-text taught after each edit answer (data.answer_end=eos; build.engine_for sets it): not scored
-        self.stop_id: int | None = None
         # Losses are sums of per-edit means times 1/loss_scale, so the grouping into micro-batches only
         # changes speed and memory (large ones fill a GPU), never the result.
         self.micro_batch_rows = cfg.data.micro_batch_size or cfg.data.batch_size

@@ -117,12 +117,11 @@ def format_table(result: dict[str, float]) -> str:
     groups = [TEACHER_FORCED] + ([LIVE_METRICS] if any(f"edited/{m}" in result for m in LIVE_METRICS) else [])
     lines = []
     for group in groups:
-        lines.append(f"{'model':<10}" + "".join(f"{m:>{max(len(m) + 2, 8)}}" for m in group))
+        widths = [max(len(m) + 2, 8) for m in group]
+        lines.append(f"{'model':<10}" + "".join(f"{m:>{w}}" for m, w in zip(group, widths)))
         for row in rows:
             values = [result.get(f"{row}/{m}", float("nan")) for m in group]
-            lines.append(
-                f"{row:<10}" + "".join(f"{v:>{max(len(m) + 2, 8)}.3f}" for m, v in zip(group, values))
-            )
+            lines.append(f"{row:<10}" + "".join(f"{v:>{w}.3f}" for v, w in zip(values, widths)))
     return "\n".join(lines)
 
 

@@ -30,7 +30,7 @@ from horse_dist.lm.fast_forward import (
 from horse_dist.lm.hooks import EditHooks
 from horse_dist.lm.passes import answer_logits, cache_pass, loss_pass, model_inputs, resumed_answer_logits
 from horse_dist.lm.registry import default_edit_modules, layer_index, module_shape
-from horse_dist.tiny.models import TINY_ARCHS, build_tiny_model
+from horse_dist.tiny.models import TINY_ARCHS, TINY_RUN_OVERRIDES, build_tiny_model
 from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
 # Shared prefixes (rows share them when packed), a repeated prompt with another answer (its last prompt
@@ -354,18 +354,7 @@ def test_use_answer_tail_setting():
     assert not use_answer_tail("auto", model, cpu, 0)
 
 
-BLOCK_CACHE_CFG = [
-    "model.source=random:tiny_llama",
-    "model.n_edit_layers=2",
-    "method.rank=16",
-    "method.chunk_rows=64",
-    "data.n_edits=8",
-    "data.batch_size=4",
-    "data.max_train_records=24",
-    "data.eval_path=''",
-    "data.eval_size=4",
-    "tracking.enabled=false",
-]
+BLOCK_CACHE_CFG = list(TINY_RUN_OVERRIDES)
 
 
 @pytest.mark.parametrize("locality", ["ce", "kl"])

@@ -14,23 +14,10 @@ from horse_dist.generation import metrics
 from horse_dist.generation.decode import Continuations, greedy_continuations
 from horse_dist.generation.live import LIVE_METRICS, LiveEval, LiveRequests, prompt_ids
 from horse_dist.pipeline import HyperNetBank, untrained_bank
-from horse_dist.tiny.models import build_tiny_model
+from horse_dist.tiny.models import TINY_RUN_OVERRIDES, build_tiny_model
 from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
 
-TINY = [
-    "model.source=random:tiny_llama",
-    "model.n_edit_layers=2",
-    "method.rank=16",
-    "method.chunk_rows=64",
-    "data.n_edits=8",
-    "data.batch_size=4",
-    "data.max_train_records=24",
-    "data.eval_path=''",
-    "data.eval_size=8",
-    "train.eval_new_tokens=6",
-    "train.eval_loc_tokens=4",
-    "tracking.enabled=false",
-]
+TINY = [*TINY_RUN_OVERRIDES, "data.eval_size=8", "train.eval_new_tokens=6", "train.eval_loc_tokens=4"]
 
 
 # ---- text scores ---------------------------------------------------------------------------------------
@@ -126,8 +113,7 @@ def test_live_scores_of_a_hand_made_case():
     assert scores["live_GS"].tolist() == [0.0, 0.0, 0.0]
     assert scores["live_GS_tokens"].tolist() == pytest.approx([0.0, 1 / len(target), 0.0])
     assert scores["loc_gen_same"].tolist() == [1.0, 0.0, 1.0]  # first 3 ids of the free generation
-    if len(other) >= 3:
-        assert scores["loops_edit"][2] == 0.0  # the empty plain continuation cannot loop
+    assert scores["loops_edit"][2] == 0.0  # the empty plain continuation cannot loop
 
 
 def test_prompt_ids_stop_before_the_first_answer_token():

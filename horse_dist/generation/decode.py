@@ -22,11 +22,6 @@ class Continuations:
     ids: list[list[int]]  # per prompt: `new_tokens` greedy ids, end-of-text kept out
     live: list[list[int]]  # per prompt: the plain greedy continuation, up to its end-of-text
 
-    def texts(self, tokenizer) -> tuple[list[str], list[str]]:
-        """(full, live) continuations decoded."""
-        decode = tokenizer.batch_decode
-        return decode(self.ids, skip_special_tokens=True), decode(self.live, skip_special_tokens=True)
-
 
 def left_padded(
     prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device
@@ -49,19 +44,24 @@ def _decode_chunk(
     ids_BT, mask_BT = left_padded(prompts, pad_id, device)
     positions_BT = (mask_BT.cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache()
-    out = model(
-        input_ids=ids_BT,
-        attention_mask=mask_BT,
-        position_ids=positions_BT,
-        cache=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+
+    def last_logits(ids: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits at the last position; the cache grows by `ids`' columns."""
+        out = model(
+            input_ids=ids,
+            attention_mask=mask_BT,
+            position_ids=positions_BT,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return out.logits[:, -1].float()
+
+    logits_BV = last_logits(ids_BT)
     rows = len(prompts)
     ended_at = torch.full((rows,), new_tokens, dtype=torch.long)
     chosen = []
     for step in range(new_tokens):
-        logits_BV = out.logits[:, -1].float()
         would_end_B = logits_BV.argmax(-1).unsqueeze(-1).eq(eos_B).any(-1).cpu()
         ended_at = torch.where(would_end_B & (ended_at == new_tokens), step, ended_at)
         logits_BV[:, eos_B] = float("-inf")
@@ -71,13 +71,7 @@ def _decode_chunk(
             break
         mask_BT = torch.cat([mask_BT, mask_BT.new_ones(rows, 1)], dim=1)
         positions_BT = positions_BT[:, -1:] + 1
-        out = model(
-            input_ids=next_B[:, None],
-            attention_mask=mask_BT,
-            position_ids=positions_BT,
-            cache=cache,
-            use_cache=True,
-        )
+        logits_BV = last_logits(next_B[:, None])
     ids = torch.stack(chosen, dim=1).tolist() if chosen else [[] for _ in prompts]
     return Continuations(ids, [row[: int(end)] for row, end in zip(ids, ended_at)])
 

@@ -105,3 +105,19 @@ def save_tiny_model(
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# Overrides for a fast run on a random tiny Llama: two edited layers, 8 edits of the bundled zsRE head, an
+# evaluation pool split off the same slice (tests build engines from these and add their own keys).
+TINY_RUN_OVERRIDES = (
+    "model.source=random:tiny_llama",
+    "model.n_edit_layers=2",
+    "method.rank=16",
+    "method.chunk_rows=64",
+    "data.n_edits=8",
+    "data.batch_size=4",
+    "data.max_train_records=24",
+    "data.eval_path=''",
+    "data.eval_size=4",
+    "tracking.enabled=false",
+)
