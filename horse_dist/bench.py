@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from horse_dist.build import build_engine, load_data
+from horse_dist.build import build_engine, load_data, model_positions
 from horse_dist.checkpoint import atomic_write_text
 from horse_dist.config import ConfigError, RunConfig, flatten, load_config, split_cli
 from horse_dist.data import TokenBatch, TokenizedExample, meta_batch_indices
@@ -376,7 +376,7 @@ def run_bench(cfg: RunConfig) -> dict:
     torch.manual_seed(cfg.train.seed)
     loaded = time.perf_counter()
     engine, tokenizer = build_engine(cfg)
-    pools = load_data(cfg, tokenizer)
+    pools = load_data(cfg, tokenizer, model_positions(engine.model))
     load_seconds = time.perf_counter() - loaded
     shape = lm_shape_of(engine.model)
     before = probe(engine.device, cfg)
@@ -494,4 +494,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from horse_dist.cli import run_cli
+
+    run_cli(main)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from horse_dist.bench import edit_examples, step_indices, timed_edit, write_json
-from horse_dist.build import build_engine, load_data
+from horse_dist.build import build_engine, load_data, model_positions
 from horse_dist.config import ConfigError, load_config, split_cli
 
 log = logging.getLogger("horse_dist.bench_ab")
@@ -54,7 +54,7 @@ def run_ab(variants: list[list[str]], config_file: str | None, common: list[str]
         cfg = load_config(config_file, [*common, *overrides])
         torch.manual_seed(cfg.train.seed)
         engine, tokenizer = build_engine(cfg)
-        pools = load_data(cfg, tokenizer)
+        pools = load_data(cfg, tokenizer, model_positions(engine.model))
         engines.append((cfg, engine, pools, engine.make_optimizer()))
     cfg = engines[0][0]
     if cfg.bench.threads:
@@ -132,4 +132,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from horse_dist.cli import run_cli
+
+    run_cli(main)

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import torch
 
-from horse_dist.config import REPO_ROOT, RunConfig
+from horse_dist.config import REPO_ROOT, ConfigError, DataConfig, RunConfig
 from horse_dist.data import (
+    DataFormatError,
     EditRecord,
     TokenizedRecords,
     answer_stop_id,
     load_records,
+    overlong,
+    select_records,
     tokenize_records,
     train_eval_split,
 )
@@ -48,29 +51,68 @@ class DataPools:
     eval: TokenizedRecords
 
 
-def load_data(cfg: RunConfig, tokenizer) -> DataPools:
-    data = cfg.data
-    train_records = load_records(
-        resolve_path(data.train_path), data.format, data.target, drop_empty_targets=data.drop_empty_targets
+def _nonempty_records(path: str, data: DataConfig) -> list[EditRecord]:
+    records = load_records(
+        resolve_path(path), data.format, data.target, drop_empty_targets=data.drop_empty_targets
     )
+    if not records:
+        raise DataFormatError(path, f"no edit records (target={data.target!r})")
+    return records
+
+
+def _drop_overlong(
+    records: list[EditRecord], tokenized: TokenizedRecords, max_tokens: int | None, path: str
+) -> tuple[list[EditRecord], TokenizedRecords]:
+    """Records longer than the model's positions are dropped by rule, with a count; none left is an error."""
+    too_long = overlong(tokenized, max_tokens) if max_tokens else []
+    if not too_long:
+        return records, tokenized
+    if len(too_long) == len(records):
+        raise DataFormatError(path, f"every record is longer than the model's {max_tokens} positions")
+    log.warning(
+        "%s: dropped %d record(s) longer than the model's %d positions: indices %s%s",
+        path,
+        len(too_long),
+        max_tokens,
+        too_long[:10],
+        " ..." if len(too_long) > 10 else "",
+    )
+    bad = set(too_long)
+    keep = [i for i in range(len(records)) if i not in bad]
+    return [records[i] for i in keep], select_records(tokenized, keep)
+
+
+def load_data(cfg: RunConfig, tokenizer, max_tokens: int | None = None) -> DataPools:
+    """The training and evaluation pools; records longer than `max_tokens` (the model's positions) are
+    dropped with a warning."""
+    data = cfg.data
+    train_records = _nonempty_records(data.train_path, data)
     if data.eval_path:
-        eval_records = load_records(
-            resolve_path(data.eval_path), data.format, data.target, drop_empty_targets=data.drop_empty_targets
-        )
+        eval_records = _nonempty_records(data.eval_path, data)
     else:
         train_idx, eval_idx = train_eval_split(len(train_records), data.eval_size, cfg.train.seed)
         eval_records = [train_records[i] for i in eval_idx]
         train_records = [train_records[i] for i in train_idx]
     if data.max_train_records:
         train_records = train_records[: data.max_train_records]
-    log.info("data: %d training and %d evaluation edits", len(train_records), len(eval_records))
     stop_id = answer_stop_id(tokenizer, data.answer_end)
-    return DataPools(
-        train_records,
-        eval_records,
-        tokenize_records(tokenizer, train_records, stop_id),
-        tokenize_records(tokenizer, eval_records, stop_id),
+    train_records, train = _drop_overlong(
+        train_records, tokenize_records(tokenizer, train_records, stop_id), max_tokens, data.train_path
     )
+    eval_records, evaluation = _drop_overlong(
+        eval_records,
+        tokenize_records(tokenizer, eval_records, stop_id),
+        max_tokens,
+        data.eval_path or data.train_path,
+    )
+    log.info("data: %d training and %d evaluation edits", len(train_records), len(eval_records))
+    return DataPools(train_records, eval_records, train, evaluation)
+
+
+def model_positions(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's position embeddings allow (None if its config does not say)."""
+    config = getattr(model, "config", None)
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def build_engine(cfg: RunConfig, world: LocalWorld | None = None) -> tuple[EditEngine, object]:
@@ -106,9 +148,17 @@ def engine_for(
     module_names: list[str] | None = None,
 ) -> EditEngine:
     """An engine around an already loaded LM (edit modules from the config unless given)."""
-    names = module_names or resolve_edit_modules(
-        model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers
-    )
+    try:
+        names = module_names or resolve_edit_modules(
+            model, list(cfg.model.edit_modules) or None, cfg.model.n_edit_layers
+        )
+    except ValueError as err:
+        key = (
+            "model.edit_modules"
+            if cfg.model.edit_modules
+            else f"model.n_edit_layers={cfg.model.n_edit_layers}"
+        )
+        raise ConfigError(f"{key}: {err}") from None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     torch.manual_seed(cfg.train.seed)  # the hypernetwork's init
     return EditEngine(

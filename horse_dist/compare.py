@@ -182,4 +182,6 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    from horse_dist.cli import run_cli
+
+    run_cli(main)

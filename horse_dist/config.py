@@ -8,6 +8,7 @@ overrides one key. Unknown keys and wrong types raise ConfigError naming the key
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ class MethodConfig:
     eta_init_mode: str = "constant"
     log_lambda_init: float = 0.0
     solve_form: str = "auto"  # auto | primal | dual
+    # none: ridge e^λ I (MALMEN/HORSE); c0: ridge e^λ C0, C0 = E[k kᵀ] of the edited layers' keys over the
+    # prompts of prior_records training records (editor/prior.py), damped by prior_damping x its mean eigenvalue
+    key_prior: str = "none"
+    prior_records: int = 512
+    prior_damping: float = 1e-3
     solve_dtype: str = "float32"  # float32 | float64
     chunk_rows: int = 1024  # hypernetwork rows per chunk
 
@@ -103,9 +109,15 @@ class TrainConfig:
     eval_loc_tokens: int = 8
     eval_untrained: bool = True  # the final evaluation also scores the editor before meta-training
     checkpoint_every: int = 10
+    keep_checkpoints: int = 2  # the newest this many checkpoints stay in <run>/checkpoints/
     out_dir: str = "runs"
     run_name: str = ""  # empty: <method>-<model>-<timestamp>
     resume: bool = False
+    # resume refuses a config that changes the result (RESUME_FREE keys aside); true applies the change
+    resume_override: bool = False
+    # a step whose loss, gradient or solve is not finite is skipped (logged, counted); this many in a row
+    # stop the run with an error (a NaN never reaches the weights or a checkpoint)
+    max_bad_steps: int = 3
     # hidden states entering the lowest edited block, kept per training prompt: from a record's second visit
     # on, its passes skip the frozen blocks below (lm/block_cache.py). Host memory budget; 0: off
     block_cache_gb: float = 2.0
@@ -233,6 +245,7 @@ CHOICES = {
     "method.spread": ("orthogonal", "reference", "none"),
     "method.locality": ("ce", "kl"),
     "method.solve_form": ("auto", "primal", "dual"),
+    "method.key_prior": ("none", "c0"),
     "method.eta_init_mode": ("constant", "key_energy"),
     "method.solve_dtype": ("float32", "float64"),
     "dist.backend": ("local", "ray"),
@@ -268,8 +281,9 @@ def _load_yaml(path: Path) -> DictConfig:
 def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"{origin}: {err}") from None
+    except OmegaConfBaseException as err:  # OmegaConf's message spans lines; keep the first, name the key
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{origin}: {key + ': ' if key else ''}{str(err).splitlines()[0]}") from None
 
 
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
@@ -299,12 +313,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         path = _preset_path(group, str(name))
         merged = _merge(merged, {group: _load_yaml(path)}, str(path))
     merged = _merge(merged, run_yaml, str(run_file))
-    try:
-        merged = _merge(merged, OmegaConf.from_dotlist(dotlist), "command line")
-    except ConfigError:
-        raise
-    except Exception as err:  # malformed dotlist syntax
-        raise ConfigError(f"command line: {err}") from None
+    merged = _merge(merged, parse_overrides(dotlist), "command line")
     cfg: RunConfig = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
@@ -338,10 +347,50 @@ def config_from_yaml(text: str, overrides: list[str]) -> RunConfig:
             merged = _merge(merged, {"data": _load_yaml(_preset_path("data", value))}, value)
         else:
             dotlist.append(item)
-    merged = _merge(merged, OmegaConf.from_dotlist(dotlist), "command line")
+    merged = _merge(merged, parse_overrides(dotlist), "command line")
     cfg: RunConfig = OmegaConf.to_object(merged)
     validate(cfg)
     return cfg
+
+
+def config_keys() -> dict[str, type]:
+    """`section.key -> declared type` for every key of the schema."""
+    return {
+        f"{section.name}.{key.name}": key.type
+        for section in dataclasses.fields(RunConfig)
+        for key in dataclasses.fields(section.default_factory())  # type: ignore[misc]
+    }
+
+
+def check_key(key: str) -> type:
+    """The declared type of `section.key`, or a ConfigError naming the nearest valid key."""
+    keys = config_keys()
+    if key not in keys:
+        nearest = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.5)
+        hint = f"; did you mean {nearest[0]}?" if nearest else "; see horse_dist/config.py"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    return keys[key]
+
+
+def parse_overrides(items: list[str]) -> DictConfig:
+    """`section.key=value` items as a config. A value for a string key is taken verbatim (so that
+    `data.target=true` is the string "true", not a YAML boolean) unless quoted (`data.eval_path=''`); other
+    values are parsed as YAML."""
+    parsed = OmegaConf.create({})
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        declared = check_key(key)
+        try:
+            quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+            if declared in (str, "str") and not quoted:
+                OmegaConf.update(parsed, key, value, merge=True)
+            else:
+                parsed = OmegaConf.merge(parsed, OmegaConf.from_dotlist([item]))
+        except Exception as err:  # malformed YAML in the value
+            raise ConfigError(f"command line: {item}: {err}") from None
+    return parsed
 
 
 def validate(cfg: RunConfig) -> None:
@@ -355,6 +404,7 @@ def validate(cfg: RunConfig) -> None:
         "data.batch_size": cfg.data.batch_size,
         "method.rank": cfg.method.rank,
         "method.chunk_rows": cfg.method.chunk_rows,
+        "method.prior_records": cfg.method.prior_records,
         "train.eval_n_edits": cfg.train.eval_n_edits,
         "train.eval_new_tokens": cfg.train.eval_new_tokens,
         "train.eval_loc_tokens": cfg.train.eval_loc_tokens,
@@ -379,8 +429,21 @@ def validate(cfg: RunConfig) -> None:
             f"train.eval_loc_tokens={cfg.train.eval_loc_tokens} exceeds train.eval_new_tokens="
             f"{cfg.train.eval_new_tokens} (the tokens generated per prompt)"
         )
-    if cfg.train.steps < 0:
-        raise ConfigError(f"train.steps must be >= 0, got {cfg.train.steps}")
+    non_negative = {
+        "train.steps": cfg.train.steps,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.eval_every": cfg.train.eval_every,
+        "data.max_train_records": cfg.data.max_train_records,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in {
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.max_bad_steps": cfg.train.max_bad_steps,
+    }.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

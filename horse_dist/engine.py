@@ -7,7 +7,7 @@ its own slice of each meta-batch, and every global quantity goes through the wor
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ from horse_dist.data import TokenBatch, TokenizedRecords, collate, micro_batch_p
 from horse_dist.data.packing import collate_packed, packed_plan
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
+from horse_dist.editor.prior import layer_shift, prior_whitening, whiten_keys, whitened_shift_grad
+from horse_dist.keystats.accumulate import accumulate_texts
 from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits
 from horse_dist.lm.block_cache import BlockInputCache, once_per_batch
 from horse_dist.lm.fast_forward import (
@@ -51,6 +53,10 @@ from horse_dist.pipeline import (
 log = logging.getLogger(__name__)
 
 PROMPT_KINDS = ("edit", "equiv", "unrel")
+
+
+class DivergedError(RuntimeError):
+    """train.max_bad_steps meta-steps in a row had a non-finite loss or gradient (each one skipped)."""
 
 
 @dataclass
@@ -157,7 +163,22 @@ class EditEngine:
         else:
             recorded = None  # the plain full pass
         cache = cache_pass(self.model, self.hooks, batches.edit, batches.n_edits, self.loss_scale, recorded)
+        if self.bank.has_prior:  # the pipeline edits in whitened key space (editor/prior.py)
+            cache.keys = [whiten_keys(k, self.bank.whitening(i)) for i, k in enumerate(cache.keys)]
         return spill_over_budget(cache, self.cfg.dist.cache_budget_gb)  # unchanged within the budget
+
+    @torch.no_grad()
+    def fit_key_prior(self, texts: list[str], tokenizer) -> None:
+        """Set W_l of the key prior from E[k kᵀ] of the edited layers' inputs over `texts` (every token)."""
+        stats = accumulate_texts(
+            self.model, tokenizer, self.module_names, texts, max_length=128, batch_size=32, stop_early=True
+        )
+        for layer, name in enumerate(self.module_names):
+            moment = stats[name]
+            self.bank.whitening(layer).copy_(
+                prior_whitening(moment.second_moment, moment.count, self.cfg.method.prior_damping)
+            )
+        log.info("key prior C0 from %d texts (%d tokens)", len(texts), stats[self.module_names[0]].count)
 
     def block_cache_sources(self, batches: EditBatches) -> dict[str, HiddenStates | None]:
         """Per prompt kind, the block-input cache's states entering the lowest edited block (for training
@@ -216,7 +237,7 @@ class EditEngine:
             if self.cfg.method.eta_init_mode == "key_energy" and not bank.normalizers_ready():
                 set_step_units_from_keys(bank, cache.keys, self.world)
             update_normalizers(bank, cache.keys, cache.grads, self.world)
-        return predict_shifts(
+        prediction = predict_shifts(
             bank,
             cache.keys,
             cache.grads,
@@ -226,6 +247,10 @@ class EditEngine:
             timer,
             keep_graph,
         )
+        if not bank.has_prior:
+            return prediction
+        layer_shifts = [layer_shift(s, bank.whitening(i)) for i, s in enumerate(prediction.shifts)]
+        return replace(prediction, shifts=layer_shifts, solved=prediction.shifts)
 
     # ---- training ---------------------------------------------------------------------------------------
     def make_optimizer(self) -> torch.optim.Optimizer:
@@ -276,11 +301,19 @@ class EditEngine:
                 self._loss_logits(sources["unrel"]),
             )  # unrelated answers never end with the stop label
         grad_shifts = [s.grad if s.grad is not None else torch.zeros_like(s) for s in shifts]
+        if self.bank.has_prior:  # ∂L/∂S' = Wᵀ ∂L/∂S
+            grad_shifts = [whitened_shift_grad(g, self.bank.whitening(i)) for i, g in enumerate(grad_shifts)]
         meta_backward(self.bank, cache.keys, cache.grads, prediction, grad_shifts, method, self.world, timer)
         with timer("optimizer"):
             params = [p for p in self.bank.parameters() if p.requires_grad]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.train.max_grad_norm)
-            optimizer.step()
+            # the gradients are all-reduced, so every worker sees the same norm and skips the same steps; a
+            # non-finite loss or solve makes it non-finite too
+            skipped = not bool(torch.isfinite(grad_norm))
+            if skipped:
+                optimizer.zero_grad(set_to_none=False)
+            else:
+                optimizer.step()
         metrics = {
             "gen_loss_sum": float(gen.loss.sum()),
             "loc_loss_sum": float(loc.loss.sum()),
@@ -290,6 +323,7 @@ class EditEngine:
             "edits": float(batches.n_edits),
             "tokens": float(cache.keys[0].shape[0]),
             "grad_norm": float(grad_norm),
+            "skipped": float(skipped),
         }
         metrics.update({f"time/{phase}": seconds for phase, seconds in timer.seconds.items()})
         return metrics

@@ -126,7 +126,7 @@ def format_table(result: dict[str, float]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from horse_dist.build import build_engine, load_data
+    from horse_dist.build import build_engine, load_data, model_positions
     from horse_dist.checkpoint import load_checkpoint
     from horse_dist.config import ConfigError, load_config_with_extras
     from horse_dist.signals import exit_on_sigterm
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     cfg = _config_from_checkpoint(state, cfg, overrides)
     engine, tokenizer = build_engine(cfg)
     engine.bank.load_state_dict(state["hypernet"])
-    pools = load_data(cfg, tokenizer)
+    pools = load_data(cfg, tokenizer, model_positions(engine.model))
     if "sweep" in extras:
         sizes = [int(n) for n in extras["sweep"].split(",") if n.strip()]
         result = run_sweep(cfg, engine, tokenizer, pools.eval, sizes, str(extras["checkpoint"]))
@@ -267,4 +267,6 @@ def _config_from_checkpoint(state: dict, cfg: RunConfig, overrides: list[str]) -
 
 
 if __name__ == "__main__":
-    main()
+    from horse_dist.cli import run_cli
+
+    run_cli(main)

@@ -80,6 +80,14 @@ class HyperNetBank(nn.Module):
         if not method.learn_lambda:
             for net in self.nets.values():
                 net.log_lambda.requires_grad_(False)
+        self.has_prior = method.key_prior != "none"
+        if self.has_prior:  # W_l of editor/prior.py, set from data before training, saved with the weights
+            for layer, (d_in, _) in enumerate(self.shapes):
+                self.register_buffer(f"whitening_{layer}", torch.eye(d_in))
+
+    def whitening(self, layer: int) -> torch.Tensor | None:
+        """W_l (I, I) of the key prior, or None without one."""
+        return getattr(self, f"whitening_{layer}") if self.has_prior else None
 
     def net(self, layer: int) -> tuple[HyperNet, int]:
         key, index = self.slots[layer]
@@ -137,6 +145,9 @@ class Prediction:
     # per layer the hypernetwork's output D_l with its graph, kept when asked and N <= chunk_rows (then the
     # backward needs no second forward); None: hypernet_vjp recomputes it chunk by chunk
     delta_graphs: list[torch.Tensor | None] = field(default_factory=list)
+    # with a key prior: the solve's own shifts S'_l in whitened key space (`shifts` are then W_l S'_l, what the
+    # layers apply); the λ gradient is taken on these
+    solved: list[torch.Tensor] | None = None
 
 
 def _solve_form(method: MethodConfig, n_rows: int, d_in: int, world: LocalWorld) -> str:
@@ -235,7 +246,8 @@ def meta_backward(
                 direction_IO = world.broadcast(direction_IO.contiguous(), owner)
             if method.learn_lambda and world.rank == owner:
                 net, index = bank.net(layer)
-                grad = log_lambda_grad(bank.log_lambda(layer), direction_IO, prediction.shifts[layer])
+                solved_IO = (prediction.solved or prediction.shifts)[layer]
+                grad = log_lambda_grad(bank.log_lambda(layer), direction_IO, solved_IO)
                 _ensure_grad(net.log_lambda)
                 net.log_lambda.grad[index] += grad
             grad_spread.append(residual_grad(keys_NI, direction_IO))
@@ -271,4 +283,7 @@ def untrained_bank(bank: HyperNetBank, method: MethodConfig) -> HyperNetBank:
     for key, net in fresh.nets.items():
         net.normalizer.load_state_dict(bank.nets[key].normalizer.state_dict())
         net.eta_unit.copy_(bank.nets[key].eta_unit)
+    if bank.has_prior:  # the prior is a statistic of the data, like the normalisers
+        for layer in range(len(bank.shapes)):
+            fresh.whitening(layer).copy_(bank.whitening(layer))
     return fresh.requires_grad_(False)

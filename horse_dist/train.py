@@ -14,22 +14,39 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from horse_dist.build import build_engine, load_data, resolve_path
+from horse_dist.build import build_engine, load_data, model_positions, resolve_path
 from horse_dist.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointStore,
     LocalCheckpointStore,
+    RunFolderError,
+    RunFolderLock,
+    atomic_write_text,
     checkpoint_state,
+    has_checkpoint,
+    load_run_checkpoint,
+    remove_orphans,
     set_rng_state,
 )
-from horse_dist.config import ConfigError, RunConfig, flatten, load_config, split_cli, to_yaml
+from horse_dist.config import (
+    ConfigError,
+    RunConfig,
+    config_from_yaml,
+    flatten,
+    load_config,
+    split_cli,
+    to_yaml,
+)
 from horse_dist.data import meta_batch_indices, shard_slice
 from horse_dist.dist.world import LocalWorld
+from horse_dist.engine import DivergedError
 from horse_dist.evaluate import evaluate_pool, format_table, full_evaluation, live_eval_for
 from horse_dist.signals import exit_on_sigterm
 from horse_dist.tracking import (
@@ -54,18 +71,94 @@ def default_run_name(cfg: RunConfig) -> str:
     return f"{cfg.method.name}-{model}-{cfg.data.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def prepare_run_dir(cfg: RunConfig) -> Path:
+# Keys a resumed run may change freely: how long it runs, how it is evaluated, checkpointed, tracked and
+# distributed. Any other change alters the result and needs train.resume_override=true.
+RESUME_FREE_PREFIXES = ("tracking.", "dist.", "bench.", "keystats.", "locate.", "sequential.", "train.eval_")
+RESUME_FREE = {
+    "train.steps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.resume",
+    "train.resume_override",
+    "train.max_bad_steps",
+    "train.out_dir",
+    "train.run_name",
+    "train.block_cache_gb",
+    "model.device",
+}
+# Keys that fix the hypernetwork's shapes: no override can resume across them.
+RESUME_FIXED = {
+    "model.source",
+    "model.edit_modules",
+    "model.n_edit_layers",
+    "method.name",
+    "method.rank",
+    "method.n_blocks",
+    "method.spread",
+    "method.learn_lambda",
+    "method.key_prior",
+}
+
+
+def resume_changes(saved_yaml: str, cfg: RunConfig) -> dict[str, tuple[object, object]]:
+    """`key -> (saved, new)` for every result-altering key a resumed run changes."""
+    saved, new = flatten(config_from_yaml(saved_yaml, [])), flatten(cfg)
+    return {
+        key: (saved.get(key), value)
+        for key, value in new.items()
+        if saved.get(key) != value and key not in RESUME_FREE and not key.startswith(RESUME_FREE_PREFIXES)
+    }
+
+
+def check_resume(cfg: RunConfig, run_dir: Path) -> None:
+    """A resume needs a checkpoint, and the same result-altering config unless train.resume_override."""
+    state = load_run_checkpoint(run_dir) if run_dir.is_dir() else None
+    if state is None:
+        raise RunFolderError(
+            f"{run_dir}: nothing to resume (no checkpoint); drop train.resume=true to start a new run there"
+        )
+    changes = resume_changes(state["config"], cfg)
+    listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+    fixed = sorted(set(changes) & RESUME_FIXED)
+    if fixed:
+        raise ConfigError(f"{run_dir}: cannot resume with a different {', '.join(fixed)} ({listed})")
+    if changes and not cfg.train.resume_override:
+        raise ConfigError(
+            f"{run_dir}: resuming with a changed config ({listed}); set train.resume_override=true to apply it"
+        )
+    if changes:
+        log.warning("resuming %s with overridden config: %s", run_dir, listed)
+
+
+@contextmanager
+def owned_run_dir(cfg: RunConfig) -> Iterator[Path]:
+    """The run folder, locked for this run: a new run refuses a folder holding a checkpoint, a resume checks
+    the saved config; orphaned temporary files of an interrupted write are removed."""
     if cfg.train.resume and not cfg.train.run_name:
         raise ConfigError("train.resume=true needs train.run_name (the run folder to resume)")
     cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
     run_dir = resolve_path(cfg.train.out_dir) / cfg.train.run_name
-    if run_dir.exists() and not cfg.train.resume and (run_dir / CHECKPOINT_NAME).exists():
-        raise ConfigError(
-            f"{run_dir} already holds a run; choose another train.run_name or set train.resume=true"
-        )
+    if cfg.train.resume:
+        check_resume(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    return run_dir
+    lock = RunFolderLock(run_dir).acquire()
+    try:
+        if not cfg.train.resume and has_checkpoint(run_dir):
+            raise RunFolderError(
+                f"{run_dir} already holds a run; choose another train.run_name or set train.resume=true"
+            )
+        remove_orphans(run_dir)
+        atomic_write_text(to_yaml(cfg), run_dir / "config.yaml")
+        yield run_dir
+    finally:
+        lock.release()
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> None:
+    """The config's rates on a restored optimizer (equal unless a resume overrode them)."""
+    blocks, scalars = optimizer.param_groups
+    blocks["lr"] = cfg.train.meta_lr
+    scalars["lr"] = cfg.train.scalar_lr or cfg.train.meta_lr
 
 
 def reduce_step_metrics(raw: dict[str, float], world: LocalWorld) -> dict[str, float]:
@@ -91,26 +184,36 @@ def gather_worker_metrics(values: dict[str, float], world: LocalWorld) -> dict[s
     return {f"{k}/w{r}": float(table[r, i]) for r in range(world.size) for i, k in enumerate(keys)}
 
 
+def prior_texts(records: list, n_records: int) -> list[str]:
+    """The key prior's texts: the edit, rephrase and unrelated prompts of the first `n_records` training
+    records (never the evaluation pool)."""
+    return [text for r in records[:n_records] for text in (r.prompt, r.rephrase, r.loc_prompt)]
+
+
 def train_worker(
     cfg: RunConfig, run_dir: Path, world: LocalWorld, tracker: Tracker, store: CheckpointStore
 ) -> dict[str, float]:
     """The loop every worker runs; rank 0 alone logs and prints, the store decides who writes."""
     rank0 = world.rank == 0
     engine, tokenizer = build_engine(cfg, world)
-    pools = load_data(cfg, tokenizer)
+    pools = load_data(cfg, tokenizer, model_positions(engine.model))
     optimizer = engine.make_optimizer()
     start_step = 0
     state = store.load_latest() if cfg.train.resume else None
     if state is not None:
         engine.bank.load_state_dict(state["hypernet"])
         optimizer.load_state_dict(state["optimizer"])
+        set_learning_rates(optimizer, cfg)
         set_rng_state(state["rng"])
         start_step = state["step"]
         log.info("resumed at step %d", start_step)
 
+    if engine.bank.has_prior and state is None:
+        engine.fit_key_prior(prior_texts(pools.train_records, cfg.method.prior_records), tokenizer)
     n_pool = len(pools.train.edit)
     step_times: list[float] = []
     phase_times: dict[str, list[float]] = {}
+    skipped_total = skipped_in_row = 0
     progress = tqdm(range(start_step, cfg.train.steps), desc="meta-train", disable=not rank0)
     for step in progress:
         indices = meta_batch_indices(n_pool, cfg.data.n_edits, cfg.train.seed, step)
@@ -136,6 +239,22 @@ def train_worker(
         if engine.block_cache is not None:  # this worker's (rank 0's in the log)
             metrics["block_cache/megabytes"] = engine.block_cache.bytes / 2**20
             metrics["block_cache/hit_rate"] = engine.block_cache.hit_rate
+        skipped_total += int(raw["skipped"])
+        skipped_in_row = skipped_in_row + 1 if raw["skipped"] else 0
+        metrics["skipped_steps"] = float(skipped_total)
+        if skipped_in_row and rank0:
+            log.warning(
+                "step %d skipped: gradient norm %s (a non-finite loss, gradient or solve); %d in a row, %d in all",
+                step + 1,
+                metrics["grad_norm"],
+                skipped_in_row,
+                skipped_total,
+            )
+        if skipped_in_row >= cfg.train.max_bad_steps:
+            raise DivergedError(
+                f"{skipped_in_row} meta-steps in a row (up to step {step + 1}) had a non-finite loss or gradient; "
+                f"the last good checkpoint in {run_dir} is kept. Lower train.meta_lr or check method.* inits"
+            )
         step_times.append(seconds)
         for key, value in metrics.items():
             if key.startswith("time/"):
@@ -189,7 +308,7 @@ def train_worker(
     result.update(gather_worker_metrics({"peak_rss_gb": result["peak_rss_gb"]}, world))
     if rank0:
         tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, cfg.train.steps)
-        (run_dir / "results.json").write_text(json.dumps(result, indent=2))
+        atomic_write_text(json.dumps(result, indent=2), run_dir / "results.json")
         tracker.log_artifact(run_dir / "results.json")
         if cfg.tracking.register_model and (run_dir / CHECKPOINT_NAME).exists():
             tracker.register_model(
@@ -209,7 +328,11 @@ def train_worker(
 
 
 def run_local(cfg: RunConfig) -> dict[str, float]:
-    run_dir = prepare_run_dir(cfg)
+    with owned_run_dir(cfg) as run_dir:
+        return _run_local(cfg, run_dir)
+
+
+def _run_local(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
     tracker = make_tracker(
         cfg.tracking.enabled,
         cfg.tracking.uri,
@@ -222,7 +345,8 @@ def run_local(cfg: RunConfig) -> dict[str, float]:
     tracker.log_params(flatten(cfg))
     tracker.log_artifact(run_dir / "config.yaml")
     try:
-        result = train_worker(cfg, run_dir, LocalWorld(), tracker, LocalCheckpointStore(run_dir))
+        store = LocalCheckpointStore(run_dir, keep=cfg.train.keep_checkpoints)
+        result = train_worker(cfg, run_dir, LocalWorld(), tracker, store)
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -231,6 +355,7 @@ def run_local(cfg: RunConfig) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run the job; errors propagate (run_cli turns user errors into one line and exit code 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_on_sigterm()
     config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
@@ -246,4 +371,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from horse_dist.cli import run_cli
+
+    run_cli(main)

@@ -210,11 +210,14 @@ def test_detect_format_on_bundled_files():
     assert detect_format(json.loads(COUNTERFACT.read_text())[0], str(COUNTERFACT)) == "counterfact_flat"
 
 
-def test_explicit_format_overrides_detection(tmp_path):
-    # A MEND record carries everything MALMEN needs except "ans", so reading it as MALMEN names that field.
+def test_an_explicit_format_that_contradicts_the_file_names_its_layout(tmp_path):
     path = write_json(tmp_path, [ZSRE_MEND])
-    with pytest.raises(DataFormatError, match=r"record 0: field 'ans': missing"):
+    with pytest.raises(DataFormatError, match=r"record 0: this file is in zsre_mend layout, not zsre_malmen"):
         load_records(path, fmt="zsre_malmen", target="true")
+    # a layout nothing detects is read by the named parser, which names the missing field
+    path = write_json(tmp_path, [{k: v for k, v in ZSRE_MEND.items() if k != "answers"}])
+    with pytest.raises(DataFormatError, match=r"record 0: field 'answers': missing"):
+        load_records(path, fmt="zsre_mend", target="true")
 
 
 def test_jsonl_and_empty_files(tmp_path):

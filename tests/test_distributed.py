@@ -405,11 +405,15 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ray_job_submit(tmp_path, tiny_dir):
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_NUM_CPUS="3")
+    """The README's launch path as a new user meets it: a fresh HOME with no Ray token anywhere."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, HOME=str(home), RAY_NUM_CPUS="3")
     env.update(
         RAY_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(_free_port()), RAY_CLIENT_PORT=str(_free_port())
     )
-    env.pop("RAY_ADDRESS", None)
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(name, None)
     temp_dir = tempfile.mkdtemp(prefix="rayt", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
     head = subprocess.Popen(
         # Every port of its own: the suite's Ray (started by the fixtures above) already holds the defaults,
@@ -435,7 +439,7 @@ def test_ray_job_submit(tmp_path, tiny_dir):
     try:
         address = f"http://127.0.0.1:{env['RAY_DASHBOARD_PORT']}"
         env["RAY_JOB_ADDRESS"] = address
-        _wait_for_dashboard(address, env, head)
+        _wait_for_dashboard(address, dict(env, RAY_AUTH_MODE="token"), head)  # as launch/submit.sh sets it
         deadline = (
             time.monotonic() + 240
         )  # the job agent registers some time after the head (slow when loaded)
@@ -471,6 +475,7 @@ def test_ray_job_submit(tmp_path, tiny_dir):
         assert submit.returncode == 0, submit.stdout[-4000:] + submit.stderr[-4000:]
         assert "succeeded" in submit.stdout + submit.stderr
         assert json.loads((tmp_path / "runs" / "job" / "results.json").read_text())["n_edits"] == 8
+        assert len((home / ".ray" / "auth_token").read_text().strip()) >= 32  # start_head.sh made the token
     finally:
         _stop_session(head)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -28,6 +28,7 @@ from horse_dist.lm import (
     save_edited_model,
     weight_delta,
 )
+from horse_dist.lm.export import ExportTargetError
 from horse_dist.tiny.models import TINY_ARCHS, build_tiny_model, save_tiny_model
 from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
@@ -89,7 +90,9 @@ def test_default_edit_modules(arch, tokenizers):
     assert default_edit_modules(model, n_last=2) == EXPECTED_LAST2[arch]
     assert resolve_edit_modules(model, None, n_last=2) == EXPECTED_LAST2[arch]
     assert [layer_index(n) for n in default_edit_modules(model, n_last=4)] == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match=r"n_last=6 must be in \[1, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"the model has 4 layers; the number of edited layers must be in \[1, 4\]"
+    ):
         default_edit_modules(model)
 
 
@@ -223,9 +226,12 @@ def test_save_edited_model(arch, tmp_path, tokenizers):
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # original untouched, bit-exact
 
-    save_edited_model(model, tokenizer, {}, out)  # overwrite: now an unedited copy
+    with pytest.raises(ExportTargetError, match="not empty; pass overwrite=true"):
+        save_edited_model(model, tokenizer, {}, out)
+    save_edited_model(model, tokenizer, {}, out, overwrite=True)  # now an unedited copy
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     assert torch.equal(logits(reloaded, ids), logits(model, ids))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited"]  # the previous export removed
 
 
 def test_apply_shifts_in_place(tokenizers):

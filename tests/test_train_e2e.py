@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from horse_dist import edit, evaluate, train
 from horse_dist.build import build_engine
-from horse_dist.checkpoint import load_checkpoint
+from horse_dist.checkpoint import RunFolderError, load_checkpoint
 from horse_dist.config import config_from_yaml
 from horse_dist.data import tokenize_example
 from horse_dist.lm.passes import answer_logits
@@ -89,7 +89,7 @@ def test_resume_gives_the_same_hypernetwork_as_an_uninterrupted_run(tiny_overrid
 
 def test_reusing_a_run_name_without_resume_is_refused(tiny_overrides, tmp_path):
     train.main(tiny_overrides(tmp_path, **{"train.steps": 1, "train.run_name": "once"}))
-    with pytest.raises(ValueError, match="already holds a run"):
+    with pytest.raises(RunFolderError, match="already holds a run"):
         train.main(tiny_overrides(tmp_path, **{"train.steps": 1, "train.run_name": "once"}))
 
 

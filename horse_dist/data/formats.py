@@ -165,7 +165,10 @@ def detect_format(record: dict, path: str) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataFormatError(str(path), f"not UTF-8 text (byte {error.start}: {error.reason})") from None
     if path.suffix != ".jsonl":
         try:
             return json.loads(text)
@@ -231,7 +234,12 @@ def load_records(
     rows = _read_rows(path)
     if not rows:
         return []
-    parse = _PARSERS[detect_format(rows[0], name) if fmt == "auto" else fmt]
+    detected = detect_format(rows[0], name) if fmt == "auto" else _layout_of(rows[0])
+    if fmt != "auto" and detected not in (None, fmt):
+        raise DataFormatError(
+            name, f"this file is in {detected} layout, not {fmt}; set data.format=auto or {detected}", index=0
+        )
+    parse = _PARSERS[fmt if fmt != "auto" else detected]
     records: list[EditRecord] = []
     dropped: list[int] = []
     for index, raw in enumerate(rows):
@@ -254,4 +262,33 @@ def load_records(
             target,
             dropped,
         )
+    _report_duplicates(records, name)
     return records
+
+
+def _layout_of(record: Any) -> str | None:
+    """The detected layout of a first record, or None when it matches none (the named parser then reports
+    the missing field)."""
+    try:
+        return detect_format(record, "")
+    except DataFormatError:
+        return None
+
+
+def _report_duplicates(records: list[EditRecord], name: str) -> None:
+    """Warn (kept, not dropped: a benchmark's duplicates are part of it) about repeated (prompt, answer)."""
+    first: dict[tuple[str, str], int] = {}
+    repeats = []
+    for index, record in enumerate(records):
+        key = (record.prompt, record.answer)
+        if key in first:
+            repeats.append((first[key], index))
+        else:
+            first[key] = index
+    if repeats:
+        logger.warning(
+            "%s: %d record(s) repeat an earlier (prompt, answer); kept. First pairs (first, repeat): %s",
+            name,
+            len(repeats),
+            repeats[:5],
+        )

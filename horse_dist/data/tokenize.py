@@ -152,3 +152,17 @@ def tokenize_records(
         equiv=tokenize_examples(tokenizer, [r.rephrase for r in records], answers, stop_id),
         unrel=tokenize_examples(tokenizer, [r.loc_prompt for r in records], [r.loc_answer for r in records]),
     )
+
+
+def overlong(tokenized: TokenizedRecords, max_tokens: int) -> list[int]:
+    """Indices of records any of whose three sequences is longer than `max_tokens` (the model's positions)."""
+    views = (tokenized.edit, tokenized.equiv, tokenized.unrel)
+    return [i for i in range(len(tokenized.edit)) if any(len(v[i].input_ids) > max_tokens for v in views)]
+
+
+def select_records(tokenized: TokenizedRecords, keep: Sequence[int]) -> TokenizedRecords:
+    return TokenizedRecords(
+        edit=[tokenized.edit[i] for i in keep],
+        equiv=[tokenized.equiv[i] for i in keep],
+        unrel=[tokenized.unrel[i] for i in keep],
+    )

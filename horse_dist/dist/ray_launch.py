@@ -31,7 +31,12 @@ from typing import Any
 
 import torch
 
-from horse_dist.checkpoint import CHECKPOINT_NAME, atomic_torch_save, load_checkpoint
+from horse_dist.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_run_checkpoint,
+    save_run_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +55,16 @@ class RayCheckpointStore:
 
     load_latest: the newer (by step) of this Ray run's latest checkpoint, `ray.train.get_checkpoint()` (a
     worker group restarted after a failure), and <run_dir>/checkpoint.pt. The run folder only holds a
-    checkpoint of this run (prepare_run_dir refuses a used folder unless train.resume=true, i.e. a resubmitted
+    checkpoint of this run (owned_run_dir refuses a used folder unless train.resume=true, i.e. a resubmitted
     job continuing a fixed run name). It is also the safety net for a failure within Ray Train's polling
     interval (2 s) after a report, when the controller has not registered the newest checkpoint yet. Every
     rank's state after a step is identical (gradients are all-reduced), so rank 0's copy serves all.
     """
 
-    def __init__(self, run_dir: str | Path, rank: int) -> None:
+    def __init__(self, run_dir: str | Path, rank: int, keep: int = 1) -> None:
         self.run_dir = Path(run_dir)
         self.rank = rank
+        self.keep = keep
         self._latest: tuple[dict[str, Any] | None, dict[str, Any]] | None = None
 
     def _find_latest(self) -> tuple[dict[str, Any] | None, dict[str, Any]]:
@@ -71,8 +77,9 @@ class RayCheckpointStore:
         if checkpoint is not None:
             with checkpoint.as_directory() as folder:
                 candidates.append(("ray", load_checkpoint(Path(folder) / CHECKPOINT_NAME)))
-        if (self.run_dir / CHECKPOINT_NAME).exists():
-            candidates.append(("run_dir", load_checkpoint(self.run_dir)))
+        local = load_run_checkpoint(self.run_dir)
+        if local is not None:
+            candidates.append(("run_dir", local))
         steps = {source: state["step"] for source, state in candidates}
         source, state = max(candidates, key=lambda c: c[1]["step"], default=("none", None))
         info = {"source": source, "step": state["step"] if state else 0, "candidates": steps}
@@ -96,7 +103,7 @@ class RayCheckpointStore:
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        atomic_torch_save({**state, "metrics": metrics}, self.run_dir / CHECKPOINT_NAME)
+        save_run_checkpoint({**state, "metrics": metrics}, self.run_dir, self.keep)
         with tempfile.TemporaryDirectory(prefix="horse_dist_ckpt_") as folder:
             torch.save({**state, "metrics": metrics}, Path(folder) / CHECKPOINT_NAME)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
@@ -143,7 +150,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
     world = TorchWorld()
     if cfg.dist.use_gpu and torch.cuda.is_available():
         torch.cuda.set_device(ray.train.torch.get_device())
-    store = RayCheckpointStore(run_dir, world.rank)
+    store = RayCheckpointStore(run_dir, world.rank, cfg.train.keep_checkpoints)
     # A restarted worker group (or a resubmitted run with resume=true) continues from the last checkpoint.
     cfg.train.resume = store.has_checkpoint()
     if world.rank == 0:
@@ -187,15 +194,20 @@ def ensure_ray() -> None:
 
 def run_ray(cfg, env: dict[str, str] | None = None) -> dict[str, float]:
     """Launch `train_worker` on cfg.dist.num_workers Ray Train workers; returns rank 0's results."""
+    from horse_dist.train import owned_run_dir
+
+    cfg.tracking.uri = absolute_tracking_uri(cfg.tracking.uri)
+    with owned_run_dir(cfg) as run_dir:  # the driver holds the folder's lock while the workers run
+        return _fit(cfg, run_dir.resolve(), env)
+
+
+def _fit(cfg, run_dir: Path, env: dict[str, str] | None) -> dict[str, float]:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from horse_dist.config import to_yaml
-    from horse_dist.train import prepare_run_dir
 
-    cfg.tracking.uri = absolute_tracking_uri(cfg.tracking.uri)
-    run_dir = prepare_run_dir(cfg).resolve()
     ensure_ray()
     resources = {"CPU": float(os.environ.get(CPUS_ENV, "1"))}
     if cfg.dist.use_gpu:

@@ -105,7 +105,7 @@ def _split_run(
             inputs_embeds=hidden_BTH.gather(1, index_BSH),
             attention_mask=additive_mask(seen_BSK, dtype),
             position_ids=layout.positions_BT.gather(1, slots_BS),
-            past_key_values=cache,
+            cache=cache,  # transformers 5.23 name (past_key_values is deprecated)
             use_cache=True,
         )[0]
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -56,29 +57,77 @@ def plain_copy(model: PreTrainedModel, replace: dict[str, Tensor] | None = None)
     return fresh.eval()
 
 
+METADATA_NAME = "edit_metadata.json"
+
+
+class ExportTargetError(ValueError):
+    """An export folder that would overwrite something this program did not write."""
+
+
+def check_export_target(out_dir: Path, overwrite: bool, protect: Sequence[Path] = ()) -> None:
+    """Refuse an `out_dir` that is, or holds, the working folder or a protected path (the checkpoint read),
+    and a non-empty one unless `overwrite` and it is an export of ours (it holds edit_metadata.json)."""
+    for guarded in [Path.cwd(), *protect]:
+        guarded = guarded.expanduser().resolve()
+        if guarded == out_dir or out_dir in guarded.parents:
+            raise ExportTargetError(f"out={out_dir}: refusing to write over {guarded}, which it holds")
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise ExportTargetError(f"out={out_dir}: exists and is not a folder")
+    if not any(out_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ExportTargetError(
+            f"out={out_dir}: folder exists and is not empty; pass overwrite=true to replace it"
+        )
+    if not (out_dir / METADATA_NAME).is_file():
+        raise ExportTargetError(
+            f"out={out_dir}: not an edited model written by horse_dist.edit (no {METADATA_NAME}); "
+            "refusing to delete it even with overwrite=true"
+        )
+
+
 def save_edited_model(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     shifts: dict[str, Tensor],
     out_dir: str | Path,
     metadata: dict | None = None,
+    overwrite: bool = False,
+    protect: Sequence[Path] = (),
 ) -> Path:
-    """Save ``model`` with ``shifts`` merged as a plain HF folder; ``model`` itself is not modified."""
+    """Save ``model`` with ``shifts`` merged as a plain HF folder; ``model`` itself is not modified.
+
+    Written beside ``out_dir`` then renamed into place; a previous export is replaced only with `overwrite`
+    (see check_export_target), and is removed only after the new one is in place."""
     out_dir = Path(out_dir).expanduser().resolve()
+    check_export_target(out_dir, overwrite, protect)
     with torch.no_grad():
         merged = {f"{name}.weight": _merged_weight(model, name, s) for name, s in shifts.items()}
+    bad = [name for name, weight in merged.items() if not bool(torch.isfinite(weight).all())]
+    if bad:
+        raise ExportTargetError(
+            f"out={out_dir}: refusing to save non-finite merged weights ({', '.join(bad)})"
+        )
     edited = plain_copy(model, merged)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = None
     try:
         edited.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {**(metadata or {}), "edited_modules": list(shifts)}
-        (tmp / "edit_metadata.json").write_text(json.dumps(info, indent=2, default=str))
-        if out_dir.exists():  # os.replace cannot overwrite a non-empty directory
-            shutil.rmtree(out_dir)
+        (tmp / METADATA_NAME).write_text(json.dumps(info, indent=2, default=str))
+        if out_dir.exists():  # os.replace cannot overwrite a non-empty folder: move the old one aside first
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "previous")
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / "previous").exists() and not out_dir.exists():
+            os.replace(old / "previous", out_dir)  # put the previous export back
         raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return out_dir

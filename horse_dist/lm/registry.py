@@ -78,7 +78,9 @@ def default_edit_modules(model: nn.Module, n_last: int = 6) -> list[str]:
         )
     n_layers = len(model.get_submodule(spec.layers_path))
     if not 1 <= n_last <= n_layers:
-        raise ValueError(f"n_last={n_last} must be in [1, {n_layers}] ({n_layers} layers)")
+        raise ValueError(
+            f"the model has {n_layers} layers; the number of edited layers must be in [1, {n_layers}]"
+        )
     return [f"{spec.layers_path}.{i}.{spec.edit_module}" for i in range(n_layers - n_last, n_layers)]
 
 

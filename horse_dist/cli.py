@@ -1,0 +1,62 @@
+"""The one way every `python -m horse_dist.<command>` starts: user errors as one line and exit code 2.
+
+A bad config key, a malformed data file, a missing or foreign checkpoint, a run folder in use: the user sees
+`error: <file or key>: <what is wrong>` on stderr and the process exits with 2 (1 for a failing disk or
+permission, or a run that diverged). `--debug` anywhere on the command line shows the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from horse_dist.checkpoint import CheckpointError, RunFolderError
+from horse_dist.config import ConfigError
+from horse_dist.data import DataFormatError
+from horse_dist.editor import RidgeSolveError
+from horse_dist.engine import DivergedError
+from horse_dist.lm.export import ExportTargetError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    DataFormatError,
+    CheckpointError,
+    RunFolderError,
+    ExportTargetError,
+    FileNotFoundError,
+)
+# a run that stopped for a reason its message names (a diverged run, a singular solve): one line, exit 1
+RUN_ERRORS: tuple[type[BaseException], ...] = (DivergedError, RidgeSolveError)
+BAD_INPUT_EXIT = 2
+SYSTEM_EXIT = 1
+
+
+def one_line(err: BaseException) -> str:
+    """The error's message on one line; an OSError names its path."""
+    if isinstance(err, OSError) and not isinstance(err, FileNotFoundError) and err.strerror:
+        where = f"{err.filename}: " if err.filename else ""
+        return f"{where}{err.strerror} (errno {err.errno})"
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
+    """Call `main(args)`; user errors and OS errors end the process with one line, unless --debug."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    try:
+        main(args)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        logging.getLogger("horse_dist").debug("user error", exc_info=True)
+        print(f"error: {one_line(err)}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(BAD_INPUT_EXIT) from None
+    except (OSError, *RUN_ERRORS) as err:
+        if debug:
+            raise
+        print(f"error: {one_line(err)}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(SYSTEM_EXIT) from None
