@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from horse_dist.checkpoint import atomic_write_text
+from horse_dist.checkpoint import RunFolderLock, atomic_write_text
 from horse_dist.config import (
     ConfigError,
     RunConfig,
@@ -372,10 +372,8 @@ def select(views: TokenizedRecords, order: list[int]) -> TokenizedRecords:
 
 
 def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Load the model, build the editor, run the stream, write and log everything; returns the summary."""
-    from horse_dist.build import pick_device, resolve_path
-    from horse_dist.editors import build_editor
-    from horse_dist.lm.load import load_frozen_lm
+    """Run a stream in its run folder, locked while it runs; returns the summary."""
+    from horse_dist.build import resolve_path
 
     seq = cfg.sequential
     check_sequential(seq)
@@ -383,6 +381,21 @@ def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[
     run_dir = resolve_path(cfg.train.out_dir) / seq.run_name
     if (run_dir / SUMMARY_NAME).exists():
         raise ConfigError(f"{run_dir} already holds a sequential run; choose another sequential.run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunFolderLock(run_dir).acquire()  # another stream of this run_name is refused while this one runs
+    try:
+        return run_in_folder(cfg, run_dir, checkpoint_state)
+    finally:
+        lock.release()
+
+
+def run_in_folder(cfg: RunConfig, run_dir: Path, checkpoint_state: dict[str, Any] | None) -> dict[str, Any]:
+    """Load the model, build the editor, run the stream, write and log everything; returns the summary."""
+    from horse_dist.build import pick_device
+    from horse_dist.editors import build_editor
+    from horse_dist.lm.load import load_frozen_lm
+
+    seq = cfg.sequential
     device = pick_device(cfg.model.device)
     model, tokenizer = load_frozen_lm(cfg.model.source, dtype=cfg.model.dtype, device=str(device))
     records, views = stream_pool(cfg, tokenizer)
@@ -403,7 +416,6 @@ def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[
         model, select(views, order), cfg.data.batch_size, cfg.data.max_batch_tokens, pad_id, device
     )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(to_yaml(cfg), run_dir / "config.yaml")
     tags = {
         **run_tags(cfg, 1),

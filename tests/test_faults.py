@@ -392,3 +392,17 @@ def test_python_m_exits_2_with_one_line(module, tmp_path):
     )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "unknown config key 'train.stpes'" in one_error_line(done.stderr)
+
+
+def test_a_sequential_run_folder_in_use_is_refused(tmp_path, capsys):
+    from horse_dist import sequential
+
+    (tmp_path / "stream").mkdir()
+    lock = RunFolderLock(tmp_path / "stream").acquire()
+    try:
+        args = [f"train.out_dir={tmp_path}", "sequential.run_name=stream", "tracking.enabled=false"]
+        code, err = cli(sequential.main, args, capsys)
+    finally:
+        lock.release()
+    assert code == 2 and "is in use by another run" in one_error_line(err)
+    assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == [".lock"]
