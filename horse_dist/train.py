@@ -110,14 +110,37 @@ def resume_changes(saved_yaml: str, cfg: RunConfig) -> dict[str, tuple[object, o
     }
 
 
-def check_resume(cfg: RunConfig, run_dir: Path) -> None:
-    """A resume needs a checkpoint, and the same result-altering config unless train.resume_override."""
+def run_folder(cfg: RunConfig) -> Path:
+    return resolve_path(cfg.train.out_dir) / cfg.train.run_name
+
+
+def resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """A resume continues the run's saved config, with this command line's `key=value` overrides on top (so
+    `train.run_name=X train.resume=true train.steps=40` resumes X as it was trained)."""
+    if not cfg.train.run_name:
+        raise ConfigError("train.resume=true needs train.run_name (the run folder to resume)")
+    resumed = config_from_yaml(resume_state(run_folder(cfg))["config"], overrides)
+    resumed.train.out_dir, resumed.train.run_name, resumed.train.resume = (
+        cfg.train.out_dir,
+        cfg.train.run_name,
+        True,
+    )
+    return resumed
+
+
+def resume_state(run_dir: Path) -> dict:
+    """The checkpoint a resume continues from; a run that never saved one cannot be resumed."""
     state = load_run_checkpoint(run_dir) if run_dir.is_dir() else None
     if state is None:
         raise RunFolderError(
             f"{run_dir}: nothing to resume (no checkpoint); drop train.resume=true to start a new run there"
         )
-    changes = resume_changes(state["config"], cfg)
+    return state
+
+
+def check_resume(cfg: RunConfig, run_dir: Path) -> None:
+    """The same result-altering config as the saved one, unless train.resume_override."""
+    changes = resume_changes(resume_state(run_dir)["config"], cfg)
     listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
     fixed = sorted(set(changes) & RESUME_FIXED)
     if fixed:
@@ -137,7 +160,7 @@ def owned_run_dir(cfg: RunConfig) -> Iterator[Path]:
     if cfg.train.resume and not cfg.train.run_name:
         raise ConfigError("train.resume=true needs train.run_name (the run folder to resume)")
     cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
-    run_dir = resolve_path(cfg.train.out_dir) / cfg.train.run_name
+    run_dir = run_folder(cfg)
     if cfg.train.resume:
         check_resume(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     exit_on_sigterm()
     config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(config_file, overrides)
+    if cfg.train.resume:
+        cfg = resumed_config(cfg, overrides)
     torch.manual_seed(cfg.train.seed)
     if cfg.dist.backend == "ray":
         from horse_dist.dist.ray_launch import run_ray

@@ -406,3 +406,12 @@ def test_a_sequential_run_folder_in_use_is_refused(tmp_path, capsys):
         lock.release()
     assert code == 2 and "is in use by another run" in one_error_line(err)
     assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == [".lock"]
+
+
+def test_resume_continues_the_saved_config_with_only_the_new_overrides(base_run, capsys):
+    """The README's `train.run_name=X train.resume=true train.steps=N`: no need to repeat the run's config."""
+    args = [f"train.out_dir={base_run.parent}", "train.run_name=base", "train.resume=true", "train.steps=5"]
+    assert cli(train.main, args, capsys)[0] == 0
+    assert load_checkpoint(base_run)["step"] == 5
+    code, err = cli(train.main, [*args, "method=malmen"], capsys)
+    assert code == 2 and "method=malmen: the method is fixed by the checkpoint" in one_error_line(err)
