@@ -224,7 +224,7 @@ def remove_orphans(run_dir: Path) -> list[str]:
     for folder in (run_dir, run_dir / HISTORY_DIR):
         if folder.is_dir():
             for path in folder.iterdir():
-                if _ORPHAN.match(path.name) or path.name.endswith(".link.tmp"):
+                if _ORPHAN.match(path.name):  # ours only: .checkpoint.pt.<pid>.link.tmp included
                     path.unlink(missing_ok=True)
                     removed.append(path.name)
     if removed:

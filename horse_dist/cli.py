@@ -7,7 +7,6 @@ permission, or a run that diverged). `--debug` anywhere on the command line show
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -49,14 +48,8 @@ def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> 
     args = [a for a in args if a != "--debug"]
     try:
         main(args)
-    except USER_ERRORS as err:
-        if debug:
-            raise
-        logging.getLogger("horse_dist").debug("user error", exc_info=True)
-        print(f"error: {one_line(err)}", file=sys.stderr)  # noqa: T201
-        raise SystemExit(BAD_INPUT_EXIT) from None
-    except (OSError, *RUN_ERRORS) as err:
+    except (*USER_ERRORS, *RUN_ERRORS, OSError) as err:
         if debug:
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)  # noqa: T201
-        raise SystemExit(SYSTEM_EXIT) from None
+        raise SystemExit(BAD_INPUT_EXIT if isinstance(err, USER_ERRORS) else SYSTEM_EXIT) from None

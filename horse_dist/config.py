@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,6 +354,7 @@ def config_from_yaml(text: str, overrides: list[str]) -> RunConfig:
     return cfg
 
 
+@functools.cache
 def config_keys() -> dict[str, type]:
     """`section.key -> declared type` for every key of the schema."""
     return {

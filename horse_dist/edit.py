@@ -11,7 +11,6 @@ the working folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 from horse_dist.config import ConfigError, load_config_with_extras, split_cli
-from horse_dist.data import DataFormatError, load_records, tokenize_example
+from horse_dist.data import DataFormatError, load_records, read_json, tokenize_example
 from horse_dist.engine import EditBatches, EditEngine
 from horse_dist.lm.passes import score_pass
 
@@ -34,12 +33,7 @@ def load_edit_requests(path: str | Path, target: str = "new") -> list[tuple[str,
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"edits file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise DataFormatError(str(path), f"not UTF-8 text (byte {err.start}: {err.reason})") from None
-    except json.JSONDecodeError as err:
-        raise DataFormatError(str(path), f"not valid JSON ({err})") from None
+    data = read_json(path)
     if isinstance(data, list) and data and isinstance(data[0], dict) and set(data[0]) == {"prompt", "answer"}:
         requests = []
         for index, record in enumerate(data):

@@ -119,28 +119,25 @@ def resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     `train.run_name=X train.resume=true train.steps=40` resumes X as it was trained)."""
     if not cfg.train.run_name:
         raise ConfigError("train.resume=true needs train.run_name (the run folder to resume)")
-    resumed = config_from_yaml(resume_state(run_folder(cfg))["config"], overrides)
+    run_dir = run_folder(cfg)
+    state = load_run_checkpoint(run_dir)
+    if state is None:
+        raise RunFolderError(
+            f"{run_dir}: nothing to resume (no checkpoint); drop train.resume=true to start a new run there"
+        )
+    resumed = config_from_yaml(state["config"], overrides)
     resumed.train.out_dir, resumed.train.run_name, resumed.train.resume = (
         cfg.train.out_dir,
         cfg.train.run_name,
         True,
     )
+    check_resume(state["config"], resumed, run_dir)
     return resumed
 
 
-def resume_state(run_dir: Path) -> dict:
-    """The checkpoint a resume continues from; a run that never saved one cannot be resumed."""
-    state = load_run_checkpoint(run_dir) if run_dir.is_dir() else None
-    if state is None:
-        raise RunFolderError(
-            f"{run_dir}: nothing to resume (no checkpoint); drop train.resume=true to start a new run there"
-        )
-    return state
-
-
-def check_resume(cfg: RunConfig, run_dir: Path) -> None:
+def check_resume(saved_yaml: str, cfg: RunConfig, run_dir: Path) -> None:
     """The same result-altering config as the saved one, unless train.resume_override."""
-    changes = resume_changes(resume_state(run_dir)["config"], cfg)
+    changes = resume_changes(saved_yaml, cfg)
     listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
     fixed = sorted(set(changes) & RESUME_FIXED)
     if fixed:
@@ -155,14 +152,10 @@ def check_resume(cfg: RunConfig, run_dir: Path) -> None:
 
 @contextmanager
 def owned_run_dir(cfg: RunConfig) -> Iterator[Path]:
-    """The run folder, locked for this run: a new run refuses a folder holding a checkpoint, a resume checks
-    the saved config; orphaned temporary files of an interrupted write are removed."""
-    if cfg.train.resume and not cfg.train.run_name:
-        raise ConfigError("train.resume=true needs train.run_name (the run folder to resume)")
+    """The run folder, locked for this run: a new run refuses a folder holding a checkpoint (a resume's config
+    was checked by resumed_config); orphaned temporary files of an interrupted write are removed."""
     cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
     run_dir = run_folder(cfg)
-    if cfg.train.resume:
-        check_resume(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunFolderLock(run_dir).acquire()
     try:

@@ -10,7 +10,7 @@ from horse_dist.data.batching import (
     steps_per_epoch,
     train_eval_split,
 )
-from horse_dist.data.formats import FORMATS, TARGETS, detect_format, load_records
+from horse_dist.data.formats import FORMATS, TARGETS, detect_format, load_records, read_json
 from horse_dist.data.records import DataFormatError, EditRecord
 from horse_dist.data.tokenize import (
     IGNORE_INDEX,
@@ -36,6 +36,7 @@ __all__ = [
     "collate",
     "detect_format",
     "load_records",
+    "read_json",
     "meta_batch_indices",
     "micro_batch_plan",
     "micro_batches",

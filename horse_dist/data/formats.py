@@ -164,7 +164,8 @@ def detect_format(record: dict, path: str) -> str:
     )
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A .json file's value or a .jsonl file's rows; bad encoding or syntax named as a DataFormatError."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
@@ -200,7 +201,7 @@ def _read_hub(spec: str) -> list:
 def _read_rows(path: str | Path) -> list:
     file = Path(path)
     if file.is_file():
-        rows = _read_json(file)
+        rows = read_json(file)
     elif file.suffix in _FILE_SUFFIXES:
         raise FileNotFoundError(f"{path}: no such data file")
     else:
