@@ -58,19 +58,19 @@ def _slots(selected_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return order_BT[:, :width], real_BS
 
 
-def tail_layout(batch: TokenBatch) -> TailLayout:
-    answers_BT = batch.labels != IGNORE_INDEX
-    real_BT = batch.attention_mask.bool()
-    steps_T = torch.arange(real_BT.shape[1], device=real_BT.device)
-    if batch.packed:
-        visible_until_BT, positions_BT = batch.visible_until, batch.position_ids
-    else:  # one right-padded sequence per row: its real tokens are seen up to its end, a pad by itself
-        visible_until_BT = torch.where(real_BT, real_BT.sum(1, keepdim=True), steps_T + 1)
-        positions_BT = steps_T.expand_as(real_BT)
-    context_BC, context_real_BC = _slots(real_BT & ~answers_BT)
-    tail_BQ, tail_real_BQ = _slots(answers_BT)
+def slot_layout(
+    context_BT: torch.Tensor,
+    tail_BT: torch.Tensor,
+    visible_until_BT: torch.Tensor,
+    positions_BT: torch.Tensor,
+) -> TailLayout:
+    """The layout of a batch split into context positions (`context_BT`) and tail positions (`tail_BT`),
+    both bool (B, T); what a position sees comes from `visible_until_BT` (see fast_forward.visibility).
+    Positions in neither are left out: nothing the tail reads may depend on them."""
+    context_BC, context_real_BC = _slots(context_BT)
+    tail_BQ, tail_real_BQ = _slots(tail_BT)
     seen_BTT = visibility(visible_until_BT)
-    rows_B11 = torch.arange(real_BT.shape[0], device=real_BT.device)[:, None, None]
+    rows_B11 = torch.arange(context_BT.shape[0], device=context_BT.device)[:, None, None]
 
     def seen(query_BQ: torch.Tensor, key_BK: torch.Tensor, key_real_BK: torch.Tensor) -> torch.Tensor:
         # Pad slots are never seen; what a pad slot sees is never read.
@@ -85,6 +85,68 @@ def tail_layout(batch: TokenBatch) -> TailLayout:
     )
 
 
+def right_padded(real_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """visible_until and position ids of one right-padded sequence per row: its real tokens are seen up to
+    its end, a pad by itself."""
+    steps_T = torch.arange(real_BT.shape[1], device=real_BT.device)
+    visible_until_BT = torch.where(real_BT, real_BT.sum(1, keepdim=True), steps_T + 1)
+    return visible_until_BT, steps_T.expand_as(real_BT)
+
+
+def tail_layout(batch: TokenBatch) -> TailLayout:
+    answers_BT = batch.labels != IGNORE_INDEX
+    real_BT = batch.attention_mask.bool()
+    if batch.packed:
+        visible_until_BT, positions_BT = batch.visible_until, batch.position_ids
+    else:
+        visible_until_BT, positions_BT = right_padded(real_BT)
+    return slot_layout(real_BT & ~answers_BT, answers_BT, visible_until_BT, positions_BT)
+
+
+def gather_slots(hidden_BTH: torch.Tensor, slots_BS: torch.Tensor) -> torch.Tensor:
+    """(B, S, H): the states at each row's slots."""
+    return hidden_BTH.gather(1, slots_BS[:, :, None].expand(-1, -1, hidden_BTH.shape[-1]))
+
+
+def _run_slots(
+    model: nn.Module, inputs_BSH: torch.Tensor, positions_BS: torch.Tensor, seen_BSK: torch.Tensor, cache
+) -> torch.Tensor:
+    """The running blocks on slot states (B, S, H) that attend to `cache` and to themselves; the cache grows."""
+    return model.base_model(
+        inputs_embeds=inputs_BSH,
+        attention_mask=additive_mask(seen_BSK, model.get_input_embeddings().weight.dtype),
+        position_ids=positions_BS,
+        cache=cache,  # transformers 5.23 name (past_key_values is deprecated)
+        use_cache=True,
+    )[0]
+
+
+ContextKV = list[tuple[torch.Tensor, torch.Tensor]]  # per running block: the context's attention keys, values
+
+
+@torch.no_grad()
+def frozen_context(model: nn.Module, layout: TailLayout, hidden_BTH: torch.Tensor, block: int) -> ContextKV:
+    """The context's keys and values in blocks `block`.. (`hidden_BTH`: the states entering `block`), for
+    tails that are run again and again on top of one fixed context (`tail_on_context`)."""
+    cache = DynamicCache()  # full layers: a sliding-window one would crop the cache to its own order
+    with blocks_from(model, block), last_mlp_skipped(model):
+        positions_BC = layout.positions_BT.gather(1, layout.context_BC)
+        _run_slots(
+            model, gather_slots(hidden_BTH, layout.context_BC), positions_BC, layout.context_seen_BCC, cache
+        )
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def tail_on_context(
+    model: nn.Module, layout: TailLayout, tail_BQH: torch.Tensor, block: int, context: ContextKV
+) -> torch.Tensor:
+    """Blocks `block`.. on the tail slots' entering states (B, Q, H), attending to `context` (left intact:
+    a cache grows by concatenation) and to themselves: the final hidden states (B, Q, H), with a graph."""
+    with blocks_from(model, block):
+        positions_BQ = layout.positions_BT.gather(1, layout.tail_BQ)
+        return _run_slots(model, tail_BQH, positions_BQ, layout.tail_seen_BQK, DynamicCache(context))
+
+
 def _split_run(
     model: nn.Module,
     layout: TailLayout,
@@ -96,18 +158,11 @@ def _split_run(
     """Blocks `block`.. from `hidden_BTH` (the states entering it): the context slots, keeping every block's
     keys and values, with a graph only if `context_graph`; then the tail slots (B, Q, H), inside
     `around_tail`, attending to that cache and to themselves."""
-    dtype = model.get_input_embeddings().weight.dtype
     cache = DynamicCache()  # full layers: a sliding-window one would crop the cache to its own order
 
     def run(slots_BS: torch.Tensor, seen_BSK: torch.Tensor) -> torch.Tensor:
-        index_BSH = slots_BS[:, :, None].expand(-1, -1, hidden_BTH.shape[-1])
-        return model.base_model(
-            inputs_embeds=hidden_BTH.gather(1, index_BSH),
-            attention_mask=additive_mask(seen_BSK, dtype),
-            position_ids=layout.positions_BT.gather(1, slots_BS),
-            cache=cache,  # transformers 5.23 name (past_key_values is deprecated)
-            use_cache=True,
-        )[0]
+        positions_BS = layout.positions_BT.gather(1, slots_BS)
+        return _run_slots(model, gather_slots(hidden_BTH, slots_BS), positions_BS, seen_BSK, cache)
 
     with blocks_from(model, block):
         graph = context_graph and torch.is_grad_enabled()

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
@@ -88,6 +89,26 @@ def _batch(rows_ids, rows_labels, subject_pos, edit_of_row, n_edits, pad_id) -> 
         subject_pos_B=torch.tensor(subject_pos, dtype=torch.long),
         edit_of_row_B=torch.tensor(edit_of_row, dtype=torch.long),
         n_edits=n_edits,
+    )
+
+
+def stacked(first: LocateBatch, second: LocateBatch) -> LocateBatch:
+    """The rows of `first`, then those of `second` (same edits), right-padded to the wider batch."""
+    if first.n_edits != second.n_edits:
+        raise ValueError(f"stacked batches edit {first.n_edits} and {second.n_edits} records")
+    width = max(first.input_ids_BT.shape[1], second.input_ids_BT.shape[1])
+
+    def both(field: str, pad: int) -> Tensor:
+        parts = [getattr(b, field) for b in (first, second)]
+        return torch.cat([F.pad(t, (0, width - t.shape[1]), value=pad) for t in parts])
+
+    return LocateBatch(
+        input_ids_BT=both("input_ids_BT", 0),  # a pad's id is never read: its mask is 0
+        attention_mask_BT=both("attention_mask_BT", 0),
+        labels_BT=both("labels_BT", IGNORE_INDEX),
+        subject_pos_B=torch.cat([first.subject_pos_B, second.subject_pos_B]),
+        edit_of_row_B=torch.cat([first.edit_of_row_B, second.edit_of_row_B]),
+        n_edits=first.n_edits,
     )
 
 
