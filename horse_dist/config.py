@@ -183,14 +183,17 @@ class KeyStatsConfig:  # K0 K0^T per edited layer over a text corpus (issue 6); 
 
 
 @dataclass
-class LocateConfig:  # locate-then-edit methods, MOSE and MEMIT (issue 6); owned by horse_dist/locate
-    method: str = "mose"  # mose | memit
+class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned by horse_dist/locate
+    method: str = "mose"  # mose | memit | alphaedit
     # Candidate layers (MOSE selects one by Eq. 21-22 and edits it with `neighbours` on each side), or the
     # edited layers when select_layer is false. Empty: 6 layers from 10% of the depth (MEMIT's early-mid MLPs).
     layers: list[int] = field(default_factory=list)
     select_layer: bool = True
     neighbours: int = 1
-    lam: float = 0.0  # λ on C0 (mean E[k kᵀ] scale); 0: the method's default (mose 10, memit 15000)
+    # mose/memit: λ on C0 (mean E[k kᵀ] scale); alphaedit: l2 on ‖ΔP‖²; 0: the method's default
+    # (mose 10, memit 15000, alphaedit 10)
+    lam: float = 0.0
+    null_energy: float = 1e-2  # alphaedit: the null space holds at most this fraction of tr(C0)
     solve_dtype: str = "float64"  # SVD / Cholesky dtype
     v_steps: int = 20  # Adam steps of the value optimisation
     v_lr: float = 0.5
@@ -206,7 +209,7 @@ class LocateConfig:  # locate-then-edit methods, MOSE and MEMIT (issue 6); owned
 
 @dataclass
 class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_dist/sequential.py
-    method: str = "mose"  # mose | memit | horse | malmen
+    method: str = "mose"  # mose | memit | alphaedit | horse | malmen
     steps: int = 200  # T
     batch_size: int = 1  # b edits per step: 1 single-sequential, 10 batch-sequential
     checkpoint: str = ""  # a trained hypernetwork's run dir or checkpoint (horse, malmen)
@@ -216,6 +219,8 @@ class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_
     retention_edits: int = 20  # ES on the first this many edits made (retention curve)
     sample_edits: int = 64  # ES on at most this many of the edits made so far (evenly spaced)
     baseline: bool = True  # score the unedited model on the stream's edit/rephrase prompts first
+    # live scores (greedy generation, train.eval_new_tokens / eval_loc_tokens) at every curve point and the end
+    live: bool = True
     c0_scale: str = (
         "mean"  # C0 handed to mose/memit: mean E[k kᵀ] (MEMIT's scale for locate.lam) | sum K0 K0ᵀ
     )

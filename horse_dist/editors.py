@@ -22,7 +22,7 @@ from horse_dist.lm.export import apply_shifts_
 log = logging.getLogger(__name__)
 
 HYPERNET_METHODS = ("horse", "malmen")
-LOCATE_METHODS = ("mose", "memit")
+LOCATE_METHODS = ("mose", "memit", "alphaedit")
 METHODS = HYPERNET_METHODS + LOCATE_METHODS
 
 

@@ -1,4 +1,5 @@
-"""Locate-then-edit methods: MEMIT-style keys and values, MOSE (orthogonal) and MEMIT (additive) editors."""
+"""Locate-then-edit methods: MEMIT-style keys and values; MOSE (orthogonal), MEMIT (additive) and AlphaEdit
+(additive in the preserved keys' null space) editors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from horse_dist.config import RunConfig
 from horse_dist.locate.editors import (
     EDITORS,
     METHODS,
+    AlphaEditEditor,
     Editor,
     LocateEditor,
     MemitEditor,
@@ -32,6 +34,7 @@ def build_locate_editor(
 
 __all__ = [
     "EDITORS",
+    "AlphaEditEditor",
     "METHODS",
     "Editor",
     "LocateEditor",

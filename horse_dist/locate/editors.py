@@ -1,10 +1,11 @@
-"""Locate-then-edit editors (MOSE, MEMIT) behind the small protocol the sequential-editing runner uses.
+"""Locate-then-edit editors (MOSE, MEMIT, AlphaEdit) behind the small protocol the sequential-editing runner uses.
 
 One call to `edit` applies one batch of edits in place:
   prefixes (once, from the unedited model) -> [MOSE: value residual per candidate layer, Eq. 22 selects l*]
   -> target z = h_L + δ at the top edited layer L -> for each edited layer l, ascending: keys K_l (with the
   layers below already edited), residual (z − h_L(current)) / (L − l + 1) (MEMIT's spreading), values
-  V_l = W_l K_l + residual, update W_l (MOSE: W <- R W; MEMIT: W <- W + ΔW).
+  V_l = W_l K_l + residual, update W_l (MOSE: W <- R W; MEMIT: W <- W + ΔW; AlphaEdit: W <- W + ΔW with ΔW
+  in the null space of the preserved keys, then the batch's keys join those of earlier edits).
 Legend: N edits, I = d_in, O = d_out.
 """
 
@@ -20,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from horse_dist.config import LocateConfig, RunConfig
 from horse_dist.data.records import EditRecord
+from horse_dist.editor.alphaedit import alphaedit_delta, null_space_projector
 from horse_dist.editor.mose import layer_scores, memit_delta, mose_rotation, select_layer, with_neighbours
 from horse_dist.lm.registry import module_shape
 from horse_dist.locate.keys import compute_keys, subject_block_outputs
@@ -29,11 +31,11 @@ from horse_dist.locate.values import ValueOptions, ValueResult, first_row_per_ed
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("mose", "memit")
+METHODS = ("mose", "memit", "alphaedit")
 SOLVE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # λ when locate.lam is 0. MEMIT's GPT-J value; for MOSE a large λ pins R to I (SmolLM2, 5 CounterFact edits:
-# ES 0.8 at λ = 1..100, 0.6 at 1000; docs/mose.md).
-DEFAULT_LAMBDA = {"mose": 10.0, "memit": 15000.0}
+# ES 0.8 at λ = 1..100, 0.6 at 1000; docs/mose.md); AlphaEdit's l2 on ‖ΔP‖² (the paper's Llama3-8B value).
+DEFAULT_LAMBDA = {"mose": 10.0, "memit": 15000.0, "alphaedit": 10.0}
 
 
 class Editor(Protocol):
@@ -76,6 +78,8 @@ def validate_locate(cfg: LocateConfig) -> None:
         raise ValueError(f"locate.solve_dtype={cfg.solve_dtype!r} is not one of {sorted(SOLVE_DTYPES)}")
     if cfg.lam < 0:
         raise ValueError(f"locate.lam must be >= 0 (0: the method's default), got {cfg.lam}")
+    if not 0.0 <= cfg.null_energy < 1.0:
+        raise ValueError(f"locate.null_energy must be in [0, 1), got {cfg.null_energy}")
     for key in ("v_lr", "clamp_factor"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"locate.{key} must be positive, got {getattr(cfg, key)}")
@@ -133,13 +137,16 @@ class LocateEditor:
     def _module(self, layer: int) -> str:
         return module_names_for(self.model, [layer])[0]
 
-    def update(self, w_OI: Tensor, c0_II: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
-        """The new weight (O, I); subclasses implement it."""
+    def update(self, name: str, w_OI: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
+        """The new weight (O, I) of module `name`; subclasses implement it."""
         raise TypeError(f"{type(self).__name__} does not define an update")
+
+    def after_edit(self, rewrite, layers: list[int]) -> None:
+        """Called once the batch's layers are all updated (AlphaEdit keeps the batch's keys)."""
 
     def _values(self, layer: int, rewrite, essence) -> ValueResult:
         name = self._module(layer)
-        return optimise_values(self.model, name, block_name(name), rewrite, essence, self.options)
+        return optimise_values(self.model, name, rewrite, essence, self.options)
 
     def _select(self, rewrite, essence) -> tuple[int, dict[int, ValueResult]]:
         """Eq. 22 over the candidate layers: the δ each needs, scaled by ‖W‖₂ and ‖k_e‖."""
@@ -200,7 +207,8 @@ class LocateEditor:
             resid_NO = (target.target_NO - current_NO.to(target.target_NO.device)) / (top - layer + 1)
             w_OI = weight_OI(module).to(self.dtype)
             values_ON = w_OI @ keys_IN + resid_NO.T.to(self.dtype)
-            set_weight_OI(module, self.update(w_OI, self.stats[name], keys_IN, values_ON))
+            set_weight_OI(module, self.update(name, w_OI, keys_IN, values_ON))
+        self.after_edit(rewrite, layers)
         timings["time/update"] = time.perf_counter() - t2
         timings["time/total"] = time.perf_counter() - t0
         self.n_edited += len(records)
@@ -215,8 +223,8 @@ class MoseEditor(LocateEditor):
 
     name = "mose"
 
-    def update(self, w_OI: Tensor, c0_II: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
-        rot_OO = mose_rotation(w_OI, c0_II, keys_IN, values_ON, self.lam, self.dtype)
+    def update(self, name: str, w_OI: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
+        rot_OO = mose_rotation(w_OI, self.stats[name], keys_IN, values_ON, self.lam, self.dtype)
         return rot_OO @ w_OI.to(self.dtype)
 
 
@@ -225,8 +233,41 @@ class MemitEditor(LocateEditor):
 
     name = "memit"
 
-    def update(self, w_OI: Tensor, c0_II: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
-        return w_OI.to(self.dtype) + memit_delta(w_OI, c0_II, keys_IN, values_ON, self.lam, self.dtype)
+    def update(self, name: str, w_OI: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
+        delta_OI = memit_delta(w_OI, self.stats[name], keys_IN, values_ON, self.lam, self.dtype)
+        return w_OI.to(self.dtype) + delta_OI
 
 
-EDITORS: dict[str, type[LocateEditor]] = {"mose": MoseEditor, "memit": MemitEditor}
+class AlphaEditEditor(LocateEditor):
+    """W <- W + ΔW with ΔW in the null space of the preserved keys (P from C0, locate.null_energy), kept off
+    the keys of the stream's earlier edits (editor/alphaedit.py)."""
+
+    name = "alphaedit"
+
+    def __init__(
+        self, cfg: RunConfig, model: nn.Module, tokenizer: PreTrainedTokenizerBase, stats: dict[str, Tensor]
+    ) -> None:
+        super().__init__(cfg, model, tokenizer, stats)
+        energy = self.cfg.null_energy
+        self.projectors = {name: null_space_projector(c0, energy) for name, c0 in self.stats.items()}
+        self.edited = {name: torch.zeros_like(c0) for name, c0 in self.stats.items()}  # C_p = Σ K_E K_Eᵀ
+        ranks = {name: round(float(p.trace())) for name, p in self.projectors.items()}
+        logger.info("alphaedit: null-space dimensions %s (energy %g of tr C0)", ranks, energy)
+
+    def update(self, name: str, w_OI: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
+        projector, edited = self.projectors[name], self.edited[name]
+        delta_OI = alphaedit_delta(w_OI, keys_IN, values_ON, projector, edited, self.lam, self.dtype)
+        return w_OI.to(self.dtype) + delta_OI
+
+    def after_edit(self, rewrite, layers: list[int]) -> None:
+        for layer in layers:  # the keys as the edited model now computes them
+            name = self._module(layer)
+            keys_IN = compute_keys(self.model, name, rewrite).to(self.dtype)
+            self.edited[name] += keys_IN @ keys_IN.T
+
+
+EDITORS: dict[str, type[LocateEditor]] = {
+    "mose": MoseEditor,
+    "memit": MemitEditor,
+    "alphaedit": AlphaEditEditor,
+}
