@@ -4,9 +4,12 @@
     python -m horse_dist.sequential compare runs/<seq run> runs/<another> out=compare.png
 
 Along the stream, every `sequential.eval_every` steps: the Frobenius norm and condition number of each
-edited weight, ES on the first `retention_edits` edits (retention) and on a sample of the edits made so far.
-After the stream: ES/GS/LS on every edit made (LS = agreement with the unedited model's predictions on the
-locality prompts). Curves go to MLflow with step = edits made, a plot and a JSON summary to the run folder.
+edited weight, ES on the first `retention_edits` edits (retention) and on a sample of the edits made so far,
+teacher-forced and, with `sequential.live`, under greedy generation (live ES: the target starts the plain
+greedy continuation; generation/live.py). After the stream: ES/GS/LS on every edit made (LS = agreement with
+the unedited model's predictions on the locality prompts) and the live scores (live ES/GS, unrelated
+continuations unchanged, loops, generation entropy) beside the unedited model's. Curves go to MLflow with
+step = edits made, a plot and a JSON summary to the run folder.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ from horse_dist.config import (
 )
 from horse_dist.data import TokenizedExample, TokenizedRecords, micro_batches
 from horse_dist.editors import HYPERNET_METHODS, METHODS, Editor
+from horse_dist.generation.decode import Continuations
+from horse_dist.generation.live import LiveEval, LiveRequests
 from horse_dist.lm.passes import PassResult, score_pass
 from horse_dist.signals import exit_on_sigterm
 from horse_dist.tracking import Tracker, experiment_name, make_tracker, run_tags
@@ -125,6 +130,10 @@ class Scorer(Protocol):
         self, kind: str, indices: list[int], reference: list[torch.Tensor] | None = None
     ) -> PassResult: ...
 
+    def live(
+        self, indices: list[int], reference: dict[str, Continuations] | None = None, edit_only: bool = False
+    ) -> tuple[dict[str, float], dict[str, Continuations]] | None: ...
+
 
 class StreamScorer:
     """Teacher-forced per-edit accuracy of the model as it is now on the stream's tokenised prompts.
@@ -139,9 +148,27 @@ class StreamScorer:
         max_batch_tokens: int,
         pad_id: int,
         device: torch.device,
+        live_eval: LiveEval | None = None,
     ) -> None:
         self.model, self.examples, self.pad_id, self.device = model, examples, pad_id, device
         self.batch_size, self.max_batch_tokens = batch_size, max_batch_tokens
+        self.live_eval = live_eval
+
+    def live(
+        self, indices: list[int], reference: dict[str, Continuations] | None = None, edit_only: bool = False
+    ) -> tuple[dict[str, float], dict[str, Continuations]] | None:
+        """Mean live scores of the model as it is now on `indices` (None without live scoring), and the
+        continuations. `reference`: the unedited model's (itself when None); `edit_only`: the edit prompts
+        alone (live ES), as the curves need."""
+        if self.live_eval is None:
+            return None
+        requests = LiveRequests.from_pool(self.examples, indices)
+        if edit_only:
+            requests = LiveRequests(requests.edit, [], [], requests.target_ids)
+        generated = self.live_eval.generate(self.model, requests)
+        per_edit = self.live_eval.scores(requests, generated, (reference or generated)["unrel"])
+        means = {k: float(v.mean()) for k, v in per_edit.items() if v.numel()}
+        return means, generated
 
     def score(self, kind: str, indices: list[int], reference: list[torch.Tensor] | None = None) -> PassResult:
         pool: list[TokenizedExample] = getattr(self.examples, kind)
@@ -176,6 +203,20 @@ def weight_metrics(
     return out
 
 
+def curve_point(scorer: Scorer, made: int, seq: SequentialConfig) -> dict[str, float]:
+    """ES on the first edits (retention) and on a sample of those made so far; live ES too where scored."""
+    point = {}
+    for name, indices in (
+        ("retention", retention_indices(made, seq.retention_edits)),
+        ("stream", sample_indices(made, seq.sample_edits)),
+    ):
+        point[f"{name}/ES"] = _mean(scorer.score("edit", indices))
+        live = scorer.live(indices, edit_only=True)
+        if live is not None:
+            point[f"{name}/live_ES"] = live[0]["live_ES"]
+    return point
+
+
 def run_stream(
     editor: Editor,
     model: nn.Module,
@@ -195,10 +236,18 @@ def run_stream(
     if seq.baseline:
         baseline["unedited/ES"] = _mean(scorer.score("edit", everything))
         baseline["unedited/GS"] = _mean(scorer.score("equiv", everything))
+    unedited_live = scorer.live(everything)
+    reference = None
+    if unedited_live is not None:
+        live_means, reference = unedited_live
+        baseline.update({f"unedited/{k}": v for k, v in live_means.items() if k != "loc_gen_same"})
     baseline_seconds = time.perf_counter() - started
 
     initial = module_weight_stats(model, editor.module_names)
-    curves: dict[str, list[float | None]] = {"edits": [0.0], "retention_ES": [None], "stream_ES": [None]}
+    curves: dict[str, list[float | None]] = {
+        "edits": [0.0],
+        **{name: [None] for name in ("retention_ES", "stream_ES", "retention_live_ES", "stream_live_ES")},
+    }
     weights = {name: {"norm": [norm], "cond": [cond]} for name, (norm, cond) in initial.items()}
     tracker.log_metrics(weight_metrics(initial, initial), step=0)
 
@@ -219,19 +268,16 @@ def run_stream(
             continue
         eval_started = time.perf_counter()
         stats = module_weight_stats(model, editor.module_names)
-        retention = _mean(scorer.score("edit", retention_indices(made, seq.retention_edits)))
-        so_far = _mean(scorer.score("edit", sample_indices(made, seq.sample_edits)))
+        point = curve_point(scorer, made, seq)
         curves["edits"].append(float(made))
-        curves["retention_ES"].append(retention)
-        curves["stream_ES"].append(so_far)
+        for name in ("retention_ES", "stream_ES", "retention_live_ES", "stream_live_ES"):
+            curves[name].append(point.get(name.replace("_", "/", 1)))
         for name, (norm, cond) in stats.items():
             weights[name]["norm"].append(norm)
             weights[name]["cond"].append(cond)
-        tracker.log_metrics(
-            {"retention/ES": retention, "stream/ES": so_far, **weight_metrics(stats, initial)}, step=made
-        )
+        tracker.log_metrics({**point, **weight_metrics(stats, initial)}, step=made)
         timings["curve_seconds"] = timings.get("curve_seconds", 0.0) + time.perf_counter() - eval_started
-        bar.set_postfix(retention=f"{retention:.3f}", es=f"{so_far:.3f}")
+        bar.set_postfix({k: f"{v:.3f}" for k, v in point.items()})
     bar.close()
 
     final_started = time.perf_counter()
@@ -242,6 +288,9 @@ def run_stream(
     loc_after = scorer.score("unrel", everything, loc_before.predictions)
     final["final/LS"] = _mean(loc_after, agreement=True)
     final["final/loc_accuracy"] = _mean(loc_after)
+    edited_live = scorer.live(everything, reference)
+    if edited_live is not None:
+        final.update({f"final/{k}": v for k, v in edited_live[0].items()})
     timings["final_eval_seconds"] = time.perf_counter() - final_started
     timings["baseline_seconds"] = baseline_seconds
     last = {name: (w["norm"][-1], w["cond"][-1]) for name, w in weights.items()}
@@ -292,6 +341,9 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
         es_axis.plot(
             edits[1:], curves["stream_ES"][1:], "--", color=f"C{run_index}", label=f"{label} edits so far"
         )
+        live = curves.get("retention_live_ES", [None])[1:]
+        if any(v is not None for v in live):  # streams without live scores (older runs) have no such curve
+            es_axis.plot(edits[1:], live, ":", color=f"C{run_index}", label=f"{label} retention, live")
     norm_axis.set(xlabel="edits made", ylabel="‖W‖_F / ‖W₀‖_F", title="Frobenius norm per edited layer")
     cond_axis.set(xlabel="edits made", ylabel="cond(W) / cond(W₀)", title="condition number per edited layer")
     es_axis.set(
@@ -312,6 +364,10 @@ TABLE_COLUMNS = (
     ("LS", "final/LS", "{:.3f}"),
     ("loc acc", "final/loc_accuracy", "{:.3f}"),
     ("retention", "final/retention_ES", "{:.3f}"),
+    ("live ES", "final/live_ES", "{:.3f}"),
+    ("live GS", "final/live_GS", "{:.3f}"),
+    ("gen same", "final/loc_gen_same", "{:.3f}"),
+    ("loops", "final/loops_edit", "{:.3f}"),
     ("ES before", "unedited/ES", "{:.3f}"),
     ("GS before", "unedited/GS", "{:.3f}"),
     ("max Δ‖W‖", "final/max_norm_rel_change", "{:.2e}"),
@@ -412,8 +468,9 @@ def run_in_folder(cfg: RunConfig, run_dir: Path, checkpoint_state: dict[str, Any
     )
     editor = build_editor(cfg, model, tokenizer, checkpoint_state)  # after the cheap checks: C0 may be costly
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    live = LiveEval(tokenizer, cfg.train.eval_new_tokens, cfg.train.eval_loc_tokens) if seq.live else None
     scorer = StreamScorer(
-        model, select(views, order), cfg.data.batch_size, cfg.data.max_batch_tokens, pad_id, device
+        model, select(views, order), cfg.data.batch_size, cfg.data.max_batch_tokens, pad_id, device, live
     )
 
     atomic_write_text(to_yaml(cfg), run_dir / "config.yaml")

@@ -124,6 +124,9 @@ class RecordingScorer:
         accuracy = torch.tensor([1.0 - i % 2 for i in indices])
         return PassResult(torch.zeros(len(indices)), accuracy, accuracy.clone(), [torch.tensor([0])])
 
+    def live(self, indices, reference=None, edit_only=False):
+        return None  # no generation: the teacher-forced curves alone
+
 
 class RecordingTracker(NullTracker):
     def __init__(self) -> None:
@@ -294,6 +297,20 @@ def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path
     history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
     assert history("retention/ES") == [2, 4, 6]  # curve points after steps 1, 2, 3 of b=2
     assert history("stream/ES") == [2, 4, 6]
+    assert history("retention/live_ES") == history("stream/live_ES") == [2, 4, 6]
+    assert (
+        len(on_disk["curves"]["retention_live_ES"]) == 4 and on_disk["curves"]["retention_live_ES"][0] is None
+    )
+    for key in (
+        "unedited/live_ES",
+        "final/live_ES",
+        "final/live_GS",
+        "final/loops_edit",
+        "final/entropy_edit",
+    ):
+        assert history(key) == [6], key
+    assert 0.0 <= summary["metrics"]["final/loc_gen_same"] <= 1.0
+    assert "unedited/loc_gen_same" not in summary["metrics"]  # 1 by definition: the reference itself
     for name in on_disk["module_names"]:
         assert history(f"weight/{name}/norm") == [0, 2, 4, 6]
         values = [m.value for m in client.get_metric_history(run.info.run_id, f"weight/{name}/cond")]
@@ -366,7 +383,7 @@ def test_locate_methods_without_their_packages_say_so(tiny_dir, monkeypatch):
 
 
 # ---- locate-then-edit methods (horse_dist.locate + horse_dist.keystats) ------------------------------------
-@pytest.mark.parametrize("method", ["mose", "memit"])
+@pytest.mark.parametrize("method", ["mose", "memit", "alphaedit"])
 def test_locate_stream_on_the_tiny_model(method, tiny_dir, data_file, tmp_path):
     pytest.importorskip("horse_dist.locate")
     overrides = {
@@ -398,5 +415,5 @@ def test_locate_stream_on_the_tiny_model(method, tiny_dir, data_file, tmp_path):
     metrics = summary["metrics"]
     if method == "mose":  # an orthogonal left-multiplication keeps both, to float64 solve precision
         assert metrics["final/max_norm_rel_change"] < 1e-6 and metrics["final/max_cond_rel_change"] < 1e-6
-    else:  # MEMIT's additive update moves them
+    elif method == "memit":  # MEMIT's additive update moves them
         assert metrics["final/max_cond_rel_change"] > 1e-4
