@@ -221,6 +221,8 @@ class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_
     baseline: bool = True  # score the unedited model on the stream's edit/rephrase prompts first
     # live scores (greedy generation, train.eval_new_tokens / eval_loc_tokens) at every curve point and the end
     live: bool = True
+    # horse/malmen: each step solves the ridge system of all the stream's edits so far (editor/memory.py)
+    ridge_memory: bool = True
     c0_scale: str = (
         "mean"  # C0 handed to mose/memit: mean E[k kᵀ] (MEMIT's scale for locate.lam) | sum K0 K0ᵀ
     )

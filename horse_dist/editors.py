@@ -10,14 +10,16 @@ import logging
 import time
 from typing import Any, Protocol
 
-from torch import nn
+from torch import Tensor, nn
 
 from horse_dist.build import engine_for
 from horse_dist.config import ConfigError, RunConfig
 from horse_dist.data import EditRecord, tokenize_examples
 from horse_dist.dist.world import LocalWorld
+from horse_dist.editor.memory import RidgeMemory, remembered_step
 from horse_dist.engine import EditBatches, EditEngine
 from horse_dist.lm.export import apply_shifts_
+from horse_dist.lm.registry import module_shape
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +36,22 @@ class Editor(Protocol):
 
 
 class HyperNetEditor:
-    """A trained HORSE/MALMEN hypernetwork: predict the shifts from the current weights, merge them in."""
+    """A trained HORSE/MALMEN hypernetwork: predict the shifts from the current weights, merge them in.
+    With a ridge memory each step applies the solve of all the stream's edits so far (editor/memory.py)."""
 
-    def __init__(self, engine: EditEngine, tokenizer: Any, name: str) -> None:
+    def __init__(self, engine: EditEngine, tokenizer: Any, name: str, ridge_memory: bool = False) -> None:
         self.engine, self.tokenizer, self.name = engine, tokenizer, name
         self.module_names = list(engine.module_names)
+        self.memories: list[RidgeMemory] | None = None
+        if ridge_memory:
+            if engine.bank.has_prior:  # its shifts are W S' in whitened key space, not this solve's S
+                raise ConfigError(
+                    "sequential.ridge_memory needs a hypernetwork trained with method.key_prior=none"
+                )
+            self.memories = [
+                RidgeMemory.empty(*module_shape(engine.model.get_submodule(n)), device=engine.device)
+                for n in self.module_names
+            ]
 
     def edit(self, records: list[EditRecord]) -> dict[str, float]:
         if not records:
@@ -50,6 +63,8 @@ class HyperNetEditor:
         cache = self.engine.cache(EditBatches(batches, [], [], len(records)))
         cached = time.perf_counter()
         shifts = self.engine.predict(cache, learn_statistics=False).shifts
+        if self.memories is not None:
+            shifts = self._remembered(cache.keys, shifts)
         predicted = time.perf_counter()
         apply_shifts_(self.engine.model, dict(zip(self.module_names, shifts)))
         merged = time.perf_counter()
@@ -59,6 +74,16 @@ class HyperNetEditor:
             "merge_seconds": merged - predicted,
             "edit_seconds": merged - started,
         }
+
+    def _remembered(self, keys: list[Tensor], shifts: list[Tensor]) -> list[Tensor]:
+        increments = []
+        for layer, (keys_NI, shift_IO) in enumerate(zip(keys, shifts)):
+            ridge = float(self.engine.bank.log_lambda(layer).detach().double().exp())
+            self.memories[layer], increment_IO = remembered_step(
+                self.memories[layer], keys_NI, shift_IO, ridge
+            )
+            increments.append(increment_IO)
+        return increments
 
 
 def hypernet_editor(
@@ -70,7 +95,7 @@ def hypernet_editor(
     engine = engine_for(cfg, model, tokenizer, LocalWorld(), device, names)
     engine.bank.load_state_dict(state["hypernet"])
     engine.bank.eval()
-    return HyperNetEditor(engine, tokenizer, cfg.method.name)
+    return HyperNetEditor(engine, tokenizer, cfg.method.name, cfg.sequential.ridge_memory)
 
 
 def locate_editor(cfg: RunConfig, model: nn.Module, tokenizer: Any) -> Editor:

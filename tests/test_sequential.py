@@ -247,13 +247,21 @@ def test_run_stream_refuses_a_stream_of_the_wrong_length():
 
 
 # ---- a trained hypernetwork -------------------------------------------------------------------------------
-def test_hypernet_stream_equals_editing_one_step_at_a_time_by_hand(checkpoint_dir, data_file, tmp_path):
+@pytest.mark.parametrize("memory", [False, True])
+def test_hypernet_stream_equals_editing_one_step_at_a_time_by_hand(
+    memory, checkpoint_dir, data_file, tmp_path
+):
     from horse_dist.build import build_engine
     from horse_dist.checkpoint import load_checkpoint
+    from horse_dist.data import tokenize_examples
+    from horse_dist.editor.memory import RidgeMemory, remembered_step
     from horse_dist.editors import build_editor
+    from horse_dist.engine import EditBatches
     from horse_dist.lm.load import load_frozen_lm
+    from horse_dist.lm.registry import module_shape
 
-    cfg, state = sequential.prepare_config(None, _seq_overrides(checkpoint_dir, data_file, tmp_path))
+    overrides = _seq_overrides(checkpoint_dir, data_file, tmp_path, **{"sequential.ridge_memory": memory})
+    cfg, state = sequential.prepare_config(None, overrides)
     model, tokenizer = load_frozen_lm(cfg.model.source)
     editor = build_editor(cfg, model, tokenizer, state)
     assert editor.name == "horse" and editor.module_names == load_checkpoint(checkpoint_dir)["edit_modules"]
@@ -265,9 +273,20 @@ def test_hypernet_stream_equals_editing_one_step_at_a_time_by_hand(checkpoint_di
 
     engine, _ = build_engine(cfg)  # a fresh copy of the unedited model
     engine.bank.load_state_dict(state["hypernet"])
+    names = engine.module_names
+    memories = [RidgeMemory.empty(*module_shape(engine.model.get_submodule(n))) for n in names]
     for start in range(0, 6, 2):
-        shifts, _ = apply_edits(engine, tokenizer, [(r.prompt, r.answer) for r in stream[start : start + 2]])
-        apply_shifts_(engine.model, dict(zip(engine.module_names, shifts)))
+        step = stream[start : start + 2]
+        shifts, _ = apply_edits(engine, tokenizer, [(r.prompt, r.answer) for r in step])
+        if memory:  # the step's own solve, then the solve of every edit so far (editor/memory.py)
+            examples = tokenize_examples(
+                tokenizer, [r.prompt for r in step], [r.answer for r in step], engine.stop_id
+            )
+            keys = engine.cache(EditBatches(engine.micro_batches(examples), [], [], 2)).keys
+            for i, (keys_NI, shift_IO) in enumerate(zip(keys, shifts)):
+                ridge = float(engine.bank.log_lambda(i).detach().double().exp())
+                memories[i], shifts[i] = remembered_step(memories[i], keys_NI, shift_IO, ridge)
+        apply_shifts_(engine.model, dict(zip(names, shifts)))
     for name in editor.module_names:
         edited = model.get_submodule(name).weight
         by_hand = engine.model.get_submodule(name).weight
