@@ -273,25 +273,36 @@ def test_hypernet_stream_equals_editing_one_step_at_a_time_by_hand(
 
     engine, _ = build_engine(cfg)  # a fresh copy of the unedited model
     engine.bank.load_state_dict(state["hypernet"])
-    names = engine.module_names
+    names, totals = engine.module_names, None
     memories = [RidgeMemory.empty(*module_shape(engine.model.get_submodule(n))) for n in names]
     for start in range(0, 6, 2):
         step = stream[start : start + 2]
         shifts, _ = apply_edits(engine, tokenizer, [(r.prompt, r.answer) for r in step])
-        if memory:  # the step's own solve, then the solve of every edit so far (editor/memory.py)
-            examples = tokenize_examples(
-                tokenizer, [r.prompt for r in step], [r.answer for r in step], engine.stop_id
-            )
-            keys = engine.cache(EditBatches(engine.micro_batches(examples), [], [], 2)).keys
-            for i, (keys_NI, shift_IO) in enumerate(zip(keys, shifts)):
-                ridge = float(engine.bank.log_lambda(i).detach().double().exp())
-                memories[i], shifts[i] = remembered_step(memories[i], keys_NI, shift_IO, ridge)
-        apply_shifts_(engine.model, dict(zip(names, shifts)))
+        if not memory:
+            apply_shifts_(engine.model, dict(zip(names, shifts)))
+            continue
+        # the step's own solve on the unedited model, then the solve of every edit so far (editor/memory.py)
+        examples = tokenize_examples(
+            tokenizer, [r.prompt for r in step], [r.answer for r in step], engine.stop_id
+        )
+        keys = engine.cache(EditBatches(engine.micro_batches(examples), [], [], len(step))).keys
+        for i, (keys_NI, shift_IO) in enumerate(zip(keys, shifts)):
+            ridge = float(engine.bank.log_lambda(i).detach().double().exp())
+            memories[i], _ = remembered_step(memories[i], keys_NI, shift_IO, ridge)
+        totals = [m.total_IO.float() for m in memories]
+    if memory:
+        apply_shifts_(engine.model, dict(zip(names, totals)))
     for name in editor.module_names:
         edited = model.get_submodule(name).weight
         by_hand = engine.model.get_submodule(name).weight
         assert not torch.allclose(edited, before[name]), f"{name} was not edited"
-        torch.testing.assert_close(edited, by_hand, rtol=1e-5, atol=1e-6, msg=f"{name} differs from by hand")
+        torch.testing.assert_close(
+            edited,
+            by_hand,
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, name=name: f"{name} differs from by hand: {m}",
+        )
 
 
 def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path):

@@ -4,15 +4,16 @@ Shape legend: N = token rows of one step, I = d_in (key size), O = d_out. S and 
 output on keys K changes by K S.
 
 One step's solve is S_t = (K_tᵀK_t + λI)⁻¹ K_tᵀD̂_t (solve.py), so its right-hand side is recovered from the
-shift it returned: K_tᵀD̂_t = (K_tᵀK_t + λI) S_t. D̂_t is the output change wanted on the step's keys from
-the weights as they are now, W_0 + T_{t−1}; from W_0 it is D̂_t + K_t T_{t−1}. The batch-of-all solve over
-steps 1..t is then
+shift it returned: K_tᵀD̂_t = (K_tᵀK_t + λI) S_t. The editor computes every step's K_t and D̂_t on the
+unedited weights W_0 (editors.py), so each D̂_t is the output change wanted from W_0, and the solve over
+steps 1..t is
 
-    T_t = (Σ_s K_sᵀK_s + λI)⁻¹ Σ_s K_sᵀ(D̂_s + K_s T_{s−1})
+    T_t = (Σ_s K_sᵀK_s + λI)⁻¹ Σ_s K_sᵀD̂_s
 
-and the step applies T_t − T_{t−1}. Earlier edits stay in the system as rows of the least-squares problem
-instead of being overwritten by later shifts; with one step it is the plain solve (T_1 = S_1). What it
-cannot undo: K_s and D̂_s are computed on the model edited up to step s−1, not on W_0.
+of which the step applies T_t − T_{t−1}. Earlier edits stay in the system as rows of the least-squares
+problem instead of being overwritten by later shifts; with one step it is the plain solve (T_1 = S_1). After
+t steps the weights are those one batch of all t steps' edits gives where D̂ is per edit (MALMEN); HORSE's
+orthogonal spread measures its coefficients over the step's own rows, so its D̂ differ a little.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor
 
 @dataclass
 class RidgeMemory:
-    """Running sums of one layer, float64: gram_II = Σ KᵀK, rhs_IO = Σ Kᵀ(D̂ + K T_prev), total_IO = T."""
+    """Running sums of one layer, float64: gram_II = Σ KᵀK, rhs_IO = Σ KᵀD̂, total_IO = T."""
 
     gram_II: Tensor
     rhs_IO: Tensor
@@ -56,7 +57,7 @@ def remembered_step(
     step_gram_II = keys.T @ keys
     own_rhs_IO = step_gram_II @ shift + ridge * shift  # K_tᵀD̂_t
     gram_II = memory.gram_II + step_gram_II
-    rhs_IO = memory.rhs_IO + own_rhs_IO + step_gram_II @ memory.total_IO
+    rhs_IO = memory.rhs_IO + own_rhs_IO
     system_II = gram_II.clone()
     system_II.diagonal().add_(ridge)
     total_IO = torch.cholesky_solve(rhs_IO, torch.linalg.cholesky(system_II))
