@@ -231,6 +231,8 @@ def run_stream(
         raise ValueError(f"stream holds {len(stream)} records, expected steps × batch_size = {steps * b}")
     everything = list(range(len(stream)))
     started = time.perf_counter()
+    live = " with live greedy decoding" if seq.live else ""
+    log.info("scoring the unedited model on the stream's %d edits%s", len(stream), live)
     loc_before = scorer.score("unrel", everything)
     baseline: dict[str, float] = {"unedited/loc_accuracy": _mean(loc_before)}
     if seq.baseline:
@@ -242,6 +244,7 @@ def run_stream(
         live_means, reference = unedited_live
         baseline.update({f"unedited/{k}": v for k, v in live_means.items() if k != "loc_gen_same"})
     baseline_seconds = time.perf_counter() - started
+    log.info("unedited model scored in %.1fs", baseline_seconds)
 
     initial = module_weight_stats(model, editor.module_names)
     curves: dict[str, list[float | None]] = {
@@ -281,6 +284,7 @@ def run_stream(
     bar.close()
 
     final_started = time.perf_counter()
+    log.info("scoring the edited model on all %d edits", len(stream))
     final = {
         "final/ES": _mean(scorer.score("edit", everything)),
         "final/GS": _mean(scorer.score("equiv", everything)),
