@@ -194,6 +194,9 @@ class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned b
     # (mose 10, memit 15000, alphaedit 10)
     lam: float = 0.0
     null_energy: float = 1e-2  # alphaedit: the null space holds at most this fraction of tr(C0)
+    # mose/memit: the keys of the stream's earlier edits join the preserved keys, each as one key (C0 + C_p/λ),
+    # so later edits keep their outputs (alphaedit always keeps them)
+    keep_edits: bool = False
     solve_dtype: str = "float64"  # SVD / Cholesky dtype
     v_steps: int = 20  # Adam steps of the value optimisation
     v_lr: float = 0.5

@@ -276,6 +276,40 @@ def test_alphaedit_leaves_preserved_keys_and_keeps_edited_keys(tiny):
         model.load_state_dict(state)
 
 
+@pytest.mark.parametrize("method", ["mose", "memit"])
+def test_keep_edits_preserves_the_stream_s_earlier_edit_keys(method, tiny):
+    """keep_edits: the first edit's keys join the preserved statistics (C0 + C_p/λ), so the second edit
+    moves their outputs less than without."""
+    model, tokenizer = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    moved, first_keys = {}, {}
+    try:
+        for keep in (True, False):  # the first edit is the same in both (C_p starts at zero)
+            model.load_state_dict(state)
+            cfg = _cfg(method, select_layer=False, lam=0.01, keep_edits=keep)
+            names = locate_module_names(cfg.locate, model)
+            editor = build_locate_editor(cfg, model, tokenizer, _random_stats(model, names))
+            editor.edit(RECORDS[:1])
+            if keep:
+                first_keys = {n: editor.edited[n].clone() for n in names}  # K₁K₁ᵀ, rank 1
+            between = {n: weight_OI(model.get_submodule(n)).double().clone() for n in names}
+            editor.edit(RECORDS[1:2])
+            for name in names:
+                assert torch.linalg.matrix_rank(editor.edited[name]) == (2 if keep else 0)
+                expected = (
+                    editor.stats[name] + editor.edited[name] / editor.lam if keep else editor.stats[name]
+                )
+                torch.testing.assert_close(editor.preserved(name), expected)
+            moved[keep] = [  # how far the second edit moved the first edit's key outputs, per layer
+                float(((weight_OI(model.get_submodule(n)).double() - between[n]) @ first_keys[n]).norm())
+                / float((between[n] @ first_keys[n]).norm())
+                for n in names
+            ]
+    finally:
+        model.load_state_dict(state)
+    assert all(kept < 0.8 * free for kept, free in zip(moved[True], moved[False])), moved
+
+
 def test_editor_config_errors(tiny):
     model, tokenizer = tiny
     cfg = _cfg("mose")

@@ -26,7 +26,7 @@ from horse_dist.editor.mose import layer_scores, memit_delta, mose_rotation, sel
 from horse_dist.lm.registry import module_shape
 from horse_dist.locate.keys import compute_keys, subject_block_outputs
 from horse_dist.locate.layers import block_name, module_names_for, n_layers, set_weight_OI, weight_OI
-from horse_dist.locate.prompts import essence_batch, rewrite_batch, sample_prefixes
+from horse_dist.locate.prompts import LocateBatch, essence_batch, rewrite_batch, sample_prefixes
 from horse_dist.locate.values import ValueOptions, ValueResult, first_row_per_edit, optimise_values
 
 logger = logging.getLogger(__name__)
@@ -113,6 +113,9 @@ class LocateEditor:
             min_nll=self.cfg.v_min_nll,
         )
         self.stats = self._check_stats(stats)
+        # C_p = Σ K_E K_Eᵀ of the stream's edits, recomputed on the edited model after each batch
+        self.edited = {name: torch.zeros_like(c0) for name, c0 in self.stats.items()}
+        self.keeps_edits = self.cfg.keep_edits
         self.prefixes: list[str] | None = None
         self.n_edited = 0
 
@@ -141,8 +144,18 @@ class LocateEditor:
         """The new weight (O, I) of module `name`; subclasses implement it."""
         raise TypeError(f"{type(self).__name__} does not define an update")
 
-    def after_edit(self, rewrite, layers: list[int]) -> None:
-        """Called once the batch's layers are all updated (AlphaEdit keeps the batch's keys)."""
+    def preserved(self, name: str) -> Tensor:
+        """C0 and, with keep_edits, the earlier edits' keys at one key each (λ multiplies the sum)."""
+        return self.stats[name] + self.edited[name] / self.lam if self.keeps_edits else self.stats[name]
+
+    def after_edit(self, rewrite: LocateBatch, layers: list[int]) -> None:
+        """Once the batch's layers are all updated: add its keys, as the edited model computes them, to C_p."""
+        if not self.keeps_edits:
+            return
+        for layer in layers:
+            name = self._module(layer)
+            keys_IN = compute_keys(self.model, name, rewrite).to(self.dtype)
+            self.edited[name] += keys_IN @ keys_IN.T
 
     def _values(self, layer: int, rewrite, essence) -> ValueResult:
         name = self._module(layer)
@@ -224,7 +237,7 @@ class MoseEditor(LocateEditor):
     name = "mose"
 
     def update(self, name: str, w_OI: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
-        rot_OO = mose_rotation(w_OI, self.stats[name], keys_IN, values_ON, self.lam, self.dtype)
+        rot_OO = mose_rotation(w_OI, self.preserved(name), keys_IN, values_ON, self.lam, self.dtype)
         return rot_OO @ w_OI.to(self.dtype)
 
 
@@ -234,7 +247,7 @@ class MemitEditor(LocateEditor):
     name = "memit"
 
     def update(self, name: str, w_OI: Tensor, keys_IN: Tensor, values_ON: Tensor) -> Tensor:
-        delta_OI = memit_delta(w_OI, self.stats[name], keys_IN, values_ON, self.lam, self.dtype)
+        delta_OI = memit_delta(w_OI, self.preserved(name), keys_IN, values_ON, self.lam, self.dtype)
         return w_OI.to(self.dtype) + delta_OI
 
 
@@ -250,7 +263,7 @@ class AlphaEditEditor(LocateEditor):
         super().__init__(cfg, model, tokenizer, stats)
         energy = self.cfg.null_energy
         self.projectors = {name: null_space_projector(c0, energy) for name, c0 in self.stats.items()}
-        self.edited = {name: torch.zeros_like(c0) for name, c0 in self.stats.items()}  # C_p = Σ K_E K_Eᵀ
+        self.keeps_edits = True  # C_p enters the update as its own term
         ranks = {name: round(float(p.trace())) for name, p in self.projectors.items()}
         logger.info("alphaedit: null-space dimensions %s (energy %g of tr C0)", ranks, energy)
 
@@ -258,12 +271,6 @@ class AlphaEditEditor(LocateEditor):
         projector, edited = self.projectors[name], self.edited[name]
         delta_OI = alphaedit_delta(w_OI, keys_IN, values_ON, projector, edited, self.lam, self.dtype)
         return w_OI.to(self.dtype) + delta_OI
-
-    def after_edit(self, rewrite, layers: list[int]) -> None:
-        for layer in layers:  # the keys as the edited model now computes them
-            name = self._module(layer)
-            keys_IN = compute_keys(self.model, name, rewrite).to(self.dtype)
-            self.edited[name] += keys_IN @ keys_IN.T
 
 
 EDITORS: dict[str, type[LocateEditor]] = {
