@@ -195,8 +195,8 @@ class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned b
     lam: float = 0.0
     null_energy: float = 1e-2  # alphaedit: the null space holds at most this fraction of tr(C0)
     # mose/memit: the keys of the stream's earlier edits join the preserved keys, each as one key (C0 + C_p/λ),
-    # so later edits keep their outputs (alphaedit always keeps them)
-    keep_edits: bool = False
+    # so later edits keep their outputs (alphaedit always keeps them). MOSE, 24 head edits: ES 0.70 -> 0.81
+    keep_edits: bool = True
     solve_dtype: str = "float64"  # SVD / Cholesky dtype
     v_steps: int = 20  # Adam steps of the value optimisation
     v_lr: float = 0.5
