@@ -20,6 +20,7 @@ from tqdm import tqdm
 from horse_dist.config import RunConfig, split_cli
 from horse_dist.data import TokenizedRecords, meta_batch_indices, shard_slice
 from horse_dist.engine import EditEngine
+from horse_dist.generation.contrast import CONTRAST_METRICS, counterfact_scores
 from horse_dist.generation.live import LIVE_METRICS, LiveEval, LiveRequests
 from horse_dist.pipeline import HyperNetBank, untrained_bank
 
@@ -41,7 +42,8 @@ def evaluate_pool(
 ) -> dict[str, float]:
     """Means over `n_batches` disjoint batches of `n_edits` edits (each edited at once, then reverted):
     `<row>/<metric>` for the unedited model, the trained editor ("edited") and, given `untrained`, the editor
-    before meta-training; teacher-forced scores always, live (generation) scores with `live`."""
+    before meta-training; teacher-forced scores always, live (generation) scores with `live`, and with it
+    CounterFact's contrast scores where the pool names the answers the edits replace."""
     n_edits = min(n_edits, len(pool.edit))
     n_batches = max(1, min(n_batches, len(pool.edit) // n_edits))
     world = engine.world
@@ -68,9 +70,13 @@ def evaluate_pool(
             requests = LiveRequests.from_pool(pool, indices)
             reference = live.generate(engine.model, requests)
             add("unedited", live.scores(requests, reference, reference["unrel"]))
+            if pool.contrast is not None:
+                add("unedited", counterfact_scores(engine.model, pool, indices, live.pad_id))
             for row, row_shifts in shifts.items():
                 with engine.hooks.shifted(row_shifts):
                     generated = live.generate(engine.model, requests)
+                    if pool.contrast is not None:
+                        add(row, counterfact_scores(engine.model, pool, indices, live.pad_id))
                 add(row, live.scores(requests, generated, reference["unrel"]))
     keys = sorted(sums)
     totals = world.all_reduce_sum(torch.stack([sums[k] for k in keys]))
@@ -114,7 +120,9 @@ def full_evaluation(
 def format_table(result: dict[str, float]) -> str:
     """The teacher-forced and (where measured) live scores, a row per model state."""
     rows = [row for row in ROWS if f"{row}/ES" in result]
-    groups = [TEACHER_FORCED] + ([LIVE_METRICS] if any(f"edited/{m}" in result for m in LIVE_METRICS) else [])
+    groups = [TEACHER_FORCED] + [
+        group for group in (LIVE_METRICS, CONTRAST_METRICS) if any(f"edited/{m}" in result for m in group)
+    ]
     lines = []
     for group in groups:
         widths = [max(len(m) + 2, 8) for m in group]

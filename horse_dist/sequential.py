@@ -8,7 +8,8 @@ edited weight, ES on the first `retention_edits` edits (retention) and on a samp
 teacher-forced and, with `sequential.live`, under greedy generation (live ES: the target starts the plain
 greedy continuation; generation/live.py). After the stream: ES/GS/LS on every edit made (LS = agreement with
 the unedited model's predictions on the locality prompts) and the live scores (live ES/GS, unrelated
-continuations unchanged, loops, generation entropy) beside the unedited model's. Curves go to MLflow with
+continuations unchanged, loops, generation entropy; on CounterFact also ROME's efficacy / paraphrase /
+neighbourhood scores, generation/contrast.py) beside the unedited model's. Curves go to MLflow with
 step = edits made, a plot and a JSON summary to the run folder.
 """
 
@@ -37,8 +38,9 @@ from horse_dist.config import (
     split_cli,
     to_yaml,
 )
-from horse_dist.data import TokenizedExample, TokenizedRecords, micro_batches
+from horse_dist.data import TokenizedExample, TokenizedRecords, concat_records, micro_batches, select_records
 from horse_dist.editors import HYPERNET_METHODS, METHODS, Editor
+from horse_dist.generation.contrast import counterfact_scores
 from horse_dist.generation.decode import Continuations
 from horse_dist.generation.live import LiveEval, LiveRequests
 from horse_dist.lm.passes import PassResult, score_pass
@@ -167,6 +169,8 @@ class StreamScorer:
             requests = LiveRequests(requests.edit, [], [], requests.target_ids)
         generated = self.live_eval.generate(self.model, requests)
         per_edit = self.live_eval.scores(requests, generated, (reference or generated)["unrel"])
+        if not edit_only and self.examples.contrast is not None:  # CounterFact: ROME's contrast scores too
+            per_edit.update(counterfact_scores(self.model, self.examples, indices, self.live_eval.pad_id))
         means = {k: float(v.mean()) for k, v in per_edit.items() if v.numel()}
         return means, generated
 
@@ -372,6 +376,9 @@ TABLE_COLUMNS = (
     ("live GS", "final/live_GS", "{:.3f}"),
     ("gen same", "final/loc_gen_same", "{:.3f}"),
     ("loops", "final/loops_edit", "{:.3f}"),
+    ("CF eff", "final/cf_efficacy", "{:.3f}"),
+    ("CF para", "final/cf_paraphrase", "{:.3f}"),
+    ("CF nbhd", "final/cf_neighbourhood", "{:.3f}"),
     ("ES before", "unedited/ES", "{:.3f}"),
     ("GS before", "unedited/GS", "{:.3f}"),
     ("max Δ‖W‖", "final/max_norm_rel_change", "{:.2e}"),
@@ -420,15 +427,7 @@ def stream_pool(cfg: RunConfig, tokenizer: Any) -> tuple[list, TokenizedRecords]
         return pools.eval_records, pools.eval
     if cfg.sequential.pool == "train":
         return pools.train_records, pools.train
-    records = pools.eval_records + pools.train_records
-    views = TokenizedRecords(
-        *(getattr(pools.eval, v) + getattr(pools.train, v) for v in ("edit", "equiv", "unrel"))
-    )
-    return records, views
-
-
-def select(views: TokenizedRecords, order: list[int]) -> TokenizedRecords:
-    return TokenizedRecords(*([getattr(views, v)[i] for i in order] for v in ("edit", "equiv", "unrel")))
+    return pools.eval_records + pools.train_records, concat_records(pools.eval, pools.train)
 
 
 def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -474,7 +473,13 @@ def run_in_folder(cfg: RunConfig, run_dir: Path, checkpoint_state: dict[str, Any
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     live = LiveEval(tokenizer, cfg.train.eval_new_tokens, cfg.train.eval_loc_tokens) if seq.live else None
     scorer = StreamScorer(
-        model, select(views, order), cfg.data.batch_size, cfg.data.max_batch_tokens, pad_id, device, live
+        model,
+        select_records(views, order),
+        cfg.data.batch_size,
+        cfg.data.max_batch_tokens,
+        pad_id,
+        device,
+        live,
     )
 
     atomic_write_text(to_yaml(cfg), run_dir / "config.yaml")

@@ -155,9 +155,11 @@ def test_counterfact_flat_bundled_both_targets():
         loc_prompt="Michel Rocard is a native speaker of",
         loc_answer="French",
         subject="Danielle Darrieux",
+        other_answer="French",
     )
-    assert true[0].answer == "French"
+    assert (true[0].answer, true[0].other_answer) == ("French", "English")
     assert all(r.answer != t.answer for r, t in zip(new, true))
+    assert all((r.answer, r.other_answer) == (t.other_answer, t.answer) for r, t in zip(new, true))
 
 
 def test_zsre_malmen_both_targets(tmp_path):
@@ -187,9 +189,11 @@ def test_counterfact_rome_both_targets(tmp_path):
         loc_prompt="Michel Rocard is a native speaker of",
         loc_answer="French",
         subject="Danielle Darrieux",
+        other_answer="French",
     )
     assert load_records(path, target="new") == [expected]
-    assert load_records(path, target="true")[0].answer == "French"
+    true = load_records(path, target="true")[0]
+    assert (true.answer, true.other_answer) == ("French", "English")
 
 
 @pytest.mark.parametrize(

@@ -447,3 +447,36 @@ def test_locate_stream_on_the_tiny_model(method, tiny_dir, data_file, tmp_path):
         assert metrics["final/max_norm_rel_change"] < 1e-6 and metrics["final/max_cond_rel_change"] < 1e-6
     elif method == "memit":  # MEMIT's additive update moves them
         assert metrics["final/max_cond_rel_change"] > 1e-4
+
+
+def test_counterfact_stream_reports_contrast_scores(tiny_dir, tmp_path):
+    pytest.importorskip("horse_dist.locate")
+    records = json.loads((HEAD_FILE.parents[1] / "counterfact/counterfact_head.json").read_text())[:16]
+    data_file = tmp_path / "cf16.json"
+    data_file.write_text(json.dumps(records))
+    overrides = {
+        "sequential.method": "memit",
+        "model.source": str(tiny_dir),
+        "sequential.steps": 2,
+        "sequential.batch_size": 2,
+        "sequential.eval_every": 2,
+        "sequential.run_name": "cf",
+        "data": "counterfact",
+        "data.train_path": str(data_file),
+        "data.eval_size": 8,
+        "keystats.num_workers": 0,
+        "keystats.cache_dir": str(tmp_path / "keystats"),
+        "keystats.max_tokens": 2000,
+        "locate.layers": "[1,2]",
+        "locate.v_steps": 5,
+        "train.out_dir": str(tmp_path),
+        "tracking.enabled": False,
+    }
+    summary = sequential.main([f"{k}={v}" for k, v in overrides.items()])
+    metrics = summary["metrics"]
+    for row in ("unedited", "final"):
+        for name in ("efficacy", "paraphrase", "neighbourhood"):
+            assert metrics[f"{row}/cf_{name}"] in (0.0, 0.25, 0.5, 0.75, 1.0), (row, name)  # 4 edits
+            assert -1.0 <= metrics[f"{row}/cf_{name}_mag"] <= 1.0
+    assert metrics["final/cf_efficacy_mag"] > metrics["unedited/cf_efficacy_mag"]  # the edits moved P(new)
+    assert "CF eff" in sequential.format_table([summary])

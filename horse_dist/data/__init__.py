@@ -14,9 +14,11 @@ from horse_dist.data.formats import FORMATS, TARGETS, detect_format, load_record
 from horse_dist.data.records import DataFormatError, EditRecord
 from horse_dist.data.tokenize import (
     IGNORE_INDEX,
+    ContrastViews,
     TokenizedExample,
     TokenizedRecords,
     answer_stop_id,
+    concat_records,
     overlong,
     select_records,
     tokenize_example,
@@ -28,6 +30,7 @@ __all__ = [
     "FORMATS",
     "IGNORE_INDEX",
     "TARGETS",
+    "ContrastViews",
     "DataFormatError",
     "EditRecord",
     "TokenBatch",
@@ -44,6 +47,7 @@ __all__ = [
     "steps_per_epoch",
     "train_eval_split",
     "answer_stop_id",
+    "concat_records",
     "overlong",
     "select_records",
     "tokenize_example",

@@ -111,14 +111,16 @@ def _parse_counterfact_rome(f: _Fields, target: str) -> tuple[EditRecord, str]:
     if "{}" not in template:
         raise rewrite.error("prompt", f"expected a '{{}}' placeholder for the subject, got {template!r}")
     true_answer = rewrite.nested("target_true").answer("str")
+    new_answer = rewrite.nested("target_new").answer("str")
     key = "target_true" if target == "true" else "target_new"
     record = EditRecord(
         prompt=template.replace("{}", subject),  # not str.format: other braces in a prompt must survive
-        answer=true_answer if target == "true" else rewrite.nested(key).answer("str"),
+        answer=true_answer if target == "true" else new_answer,
         rephrase=f.first_text("paraphrase_prompts"),
         loc_prompt=f.first_text("neighborhood_prompts"),
         loc_answer=true_answer,  # neighbourhood subjects share the true object
         subject=subject,
+        other_answer=new_answer if target == "true" else true_answer,
     )
     if not record.loc_answer:
         raise rewrite.error("target_true.str", "expected a non-empty string (it is the locality answer)")
@@ -126,10 +128,11 @@ def _parse_counterfact_rome(f: _Fields, target: str) -> tuple[EditRecord, str]:
 
 
 def _parse_counterfact_flat(f: _Fields, target: str) -> tuple[EditRecord, str]:
-    key = "ground_truth" if target == "true" else "target_new"
+    key, other = ("ground_truth", "target_new") if target == "true" else ("target_new", "ground_truth")
     record = EditRecord(
         prompt=f.text("prompt"),
         answer=f.answer(key),
+        other_answer=f.answer(other),
         rephrase=f.text("rephrase_prompt"),
         loc_prompt=f.text("locality_prompt"),
         loc_answer=f.text("locality_ground_truth"),

@@ -15,6 +15,8 @@ class EditRecord:
     loc_prompt: str  # unrelated prompt (locality)
     loc_answer: str  # its answer
     subject: str = ""
+    # the answer the edit replaces (CounterFact: the other of true/new), for ROME's contrast scores; "" if none
+    other_answer: str = ""
 
 
 class DataFormatError(ValueError):

@@ -29,13 +29,36 @@ class TokenizedExample:
 
 
 @dataclass
+class ContrastViews:
+    """The counterparts ROME's contrast scores compare the pool's views with (CounterFact only)."""
+
+    edit_other: list[TokenizedExample]  # (prompt, other_answer)
+    equiv_other: list[TokenizedExample]  # (rephrase, other_answer)
+    # (loc_prompt, the one of answer / other_answer that is not loc_answer): on a CounterFact neighbour prompt,
+    # the counterfactual object whichever way the edit goes
+    unrel_other: list[TokenizedExample]
+
+    def select(self, keep: Sequence[int]) -> ContrastViews:
+        return ContrastViews(*([getattr(self, v)[i] for i in keep] for v in CONTRAST_VIEWS))
+
+
+CONTRAST_VIEWS = ("edit_other", "equiv_other", "unrel_other")
+VIEWS = ("edit", "equiv", "unrel")
+
+
+@dataclass
 class TokenizedRecords:
     edit: list[TokenizedExample]  # (prompt, answer)
     equiv: list[TokenizedExample]  # (rephrase, answer)
     unrel: list[TokenizedExample]  # (loc_prompt, loc_answer)
+    contrast: ContrastViews | None = None  # where every record names the answer it replaces
     # Names this pool in the block-input cache's keys: unlike id(), never reused by a later pool, in this
     # process or another.
     uid: int = field(default_factory=lambda: uuid.uuid4().int, compare=False)
+
+    def all_views(self) -> list[list[TokenizedExample]]:
+        contrast = [getattr(self.contrast, v) for v in CONTRAST_VIEWS] if self.contrast else []
+        return [self.edit, self.equiv, self.unrel, *contrast]
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
@@ -145,24 +168,45 @@ def tokenize_records(
     tokenizer: PreTrainedTokenizerBase, records: Sequence[EditRecord], stop_id: int | None = None
 ) -> TokenizedRecords:
     """Tokenise once, up front, the three views (edit, equivalent, unrelated) of every record; the edit and
-    equivalent answers end with `stop_id` where given (the unrelated prompts keep their own answers)."""
+    equivalent answers end with `stop_id` where given (the unrelated prompts keep their own answers). Where
+    every record names the answer it replaces (CounterFact), the contrast views are tokenised too."""
     answers = [r.answer for r in records]
+    contrast = None
+    if records and all(r.other_answer for r in records):
+        others = [r.other_answer for r in records]
+        unrel_others = [r.answer if r.answer != r.loc_answer else r.other_answer for r in records]
+        contrast = ContrastViews(
+            edit_other=tokenize_examples(tokenizer, [r.prompt for r in records], others),
+            equiv_other=tokenize_examples(tokenizer, [r.rephrase for r in records], others),
+            unrel_other=tokenize_examples(tokenizer, [r.loc_prompt for r in records], unrel_others),
+        )
     return TokenizedRecords(
         edit=tokenize_examples(tokenizer, [r.prompt for r in records], answers, stop_id),
         equiv=tokenize_examples(tokenizer, [r.rephrase for r in records], answers, stop_id),
         unrel=tokenize_examples(tokenizer, [r.loc_prompt for r in records], [r.loc_answer for r in records]),
+        contrast=contrast,
     )
 
 
 def overlong(tokenized: TokenizedRecords, max_tokens: int) -> list[int]:
-    """Indices of records any of whose three sequences is longer than `max_tokens` (the model's positions)."""
-    views = (tokenized.edit, tokenized.equiv, tokenized.unrel)
+    """Indices of records any of whose sequences is longer than `max_tokens` (the model's positions)."""
+    views = tokenized.all_views()
     return [i for i in range(len(tokenized.edit)) if any(len(v[i].input_ids) > max_tokens for v in views)]
 
 
 def select_records(tokenized: TokenizedRecords, keep: Sequence[int]) -> TokenizedRecords:
+    """The records `keep` (in that order), every view."""
     return TokenizedRecords(
-        edit=[tokenized.edit[i] for i in keep],
-        equiv=[tokenized.equiv[i] for i in keep],
-        unrel=[tokenized.unrel[i] for i in keep],
+        *([getattr(tokenized, v)[i] for i in keep] for v in VIEWS),
+        contrast=tokenized.contrast.select(keep) if tokenized.contrast else None,
     )
+
+
+def concat_records(first: TokenizedRecords, second: TokenizedRecords) -> TokenizedRecords:
+    """`first`'s records, then `second`'s (contrast views only where both have them)."""
+    contrast = None
+    if first.contrast and second.contrast:
+        contrast = ContrastViews(
+            *(getattr(first.contrast, v) + getattr(second.contrast, v) for v in CONTRAST_VIEWS)
+        )
+    return TokenizedRecords(*(getattr(first, v) + getattr(second, v) for v in VIEWS), contrast=contrast)

@@ -77,11 +77,15 @@ class LiveEval:
         eos = self.tokenizer.eos_token_id
         return [eos] if isinstance(eos, int) else list(eos)
 
+    @property
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.eos_ids[0]
+
     def generate(self, model: nn.Module, requests: LiveRequests) -> dict[str, Continuations]:
         """One batched decode over the three prompt kinds."""
         prompts = requests.edit + requests.equiv + requests.unrel
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        out = greedy_continuations(model, prompts, self.new_tokens, pad, self.eos_ids)
+        out = greedy_continuations(model, prompts, self.new_tokens, self.pad_id, self.eos_ids)
         n = len(requests)
         return {
             kind: Continuations(out.ids[i * n : (i + 1) * n], out.live[i * n : (i + 1) * n])
