@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from horse_dist.build import build_engine, load_data, model_positions
 from horse_dist.checkpoint import atomic_write_text
-from horse_dist.config import ConfigError, RunConfig, flatten, load_config, split_cli
+from horse_dist.config import ConfigError, RunConfig, flatten, load_config, print_config, split_cli
 from horse_dist.data import TokenBatch, TokenizedExample, meta_batch_indices
 from horse_dist.editor.solve import choose_form
 from horse_dist.engine import EditBatches, EditEngine
@@ -484,8 +484,10 @@ def write_json(report: dict, path: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(config_file, overrides)
+    cli = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(cli.config_file, cli.overrides)
+    if cli.show_config:
+        return print_config(cfg)
     report = run_bench(cfg)
     out = write_json(report, Path(cfg.bench.out).expanduser())
     print(format_report(report))  # noqa: T201

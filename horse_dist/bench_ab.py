@@ -23,7 +23,7 @@ import torch
 
 from horse_dist.bench import edit_examples, step_indices, timed_edit, write_json
 from horse_dist.build import build_engine, load_data, model_positions
-from horse_dist.config import ConfigError, load_config, split_cli
+from horse_dist.config import ConfigError, load_config, print_config, split_cli
 
 log = logging.getLogger("horse_dist.bench_ab")
 
@@ -122,10 +122,16 @@ def format_ab(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    variants, rest = parse_variants(sys.argv[1:] if argv is None else argv)
-    config_file, common = split_cli(rest)
-    report = run_ab(variants, config_file, common)
-    out = write_json(report, Path(load_config(config_file, common).bench.out).expanduser())
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        split_cli(["--help"])  # prints this module's docstring (the --variant usage) and the keys; exits 0
+    variants, rest = parse_variants(args)
+    cli = split_cli(rest)
+    cfg = load_config(cli.config_file, cli.overrides)
+    if cli.show_config:
+        return print_config(cfg)
+    report = run_ab(variants, cli.config_file, cli.overrides)
+    out = write_json(report, Path(cfg.bench.out).expanduser())
     print(format_ab(report))  # noqa: T201
     print(f"report: {out}")  # noqa: T201
     return report

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -473,9 +474,16 @@ def flatten(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
-def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
-    """`[--config FILE] key=value ...` -> (config file, overrides)."""
-    config_file, overrides = None, []
+@dataclass(frozen=True)
+class CommandLine:
+    config_file: str | None  # --config FILE (None: configs/default.yaml)
+    overrides: list[str]  # group=preset and section.key=value, in order
+    show_config: bool = False  # --cfg job: print the resolved config and stop
+
+
+def split_cli(argv: list[str]) -> CommandLine:
+    """`[--config FILE] [--cfg job] key=value ...`; `-h`/`--help` prints the help and exits 0."""
+    config_file, overrides, show_config = None, [], False
     args = iter(argv)
     for arg in args:
         if arg == "--config":
@@ -484,13 +492,46 @@ def split_cli(argv: list[str]) -> tuple[str | None, list[str]]:
                 raise ConfigError("--config needs a file")
         elif arg.startswith("--config="):
             config_file = arg.split("=", 1)[1]
+        elif arg in ("--cfg", "--cfg=job"):
+            if arg == "--cfg" and next(args, None) != "job":
+                raise ConfigError("--cfg takes one value: job (print the resolved config and stop)")
+            show_config = True
         elif arg in ("-h", "--help"):
-            raise SystemExit(USAGE)
+            print(help_text())  # noqa: T201
+            raise SystemExit(0)
         else:
             overrides.append(arg)
-    return config_file, overrides
+    return CommandLine(config_file, overrides, show_config)
 
 
-USAGE = """usage: python -m horse_dist.<train|evaluate|edit> [--config FILE] [group=preset] [section.key=value ...]
-  groups: model, data, method (presets under configs/<group>/)
-  sections: model data method train dist tracking bench keystats locate sequential (see horse_dist/config.py)"""
+def print_config(cfg: RunConfig) -> dict[str, Any]:
+    """`--cfg job`: the resolved config as YAML on stdout (what the run would use); returns it flattened."""
+    print(to_yaml(cfg), end="")  # noqa: T201
+    return flatten(cfg)
+
+
+def help_text() -> str:
+    """The entry point's own docstring (its arguments besides the config), the config's usage, the preset
+    groups with their presets, and every key with its default (and choices)."""
+    entry = sys.modules.get("__main__")
+    path = Path(getattr(entry, "__file__", None) or "<command>")
+    command = path.parent.name if path.stem == "__main__" else path.stem  # python -m horse_dist.keystats
+    doc = (getattr(entry, "__doc__", None) or "").strip() if command != "<command>" else ""
+    lines = [
+        *([doc, ""] if doc else []),
+        f"usage: python -m horse_dist.{command} [--config FILE] [--cfg job] [group=preset] [section.key=value ...]",
+        "  --config FILE   the run file (default configs/default.yaml); its `defaults` pick the presets",
+        "  --cfg job       print the resolved config as YAML and stop",
+        "  --debug         show the traceback of an error instead of one line",
+        "",
+        "preset groups (configs/<group>/<preset>.yaml):",
+    ]
+    for group in PRESET_GROUPS:
+        presets = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        lines.append(f"  {group}: {', '.join(presets)}")
+    lines.append("")
+    lines.append("keys (default; choices):")
+    for key, value in flatten(RunConfig()).items():
+        choices = f"  [{' | '.join(map(str, CHOICES[key]))}]" if key in CHOICES else ""
+        lines.append(f"  {key}={value!r}{choices}")
+    return "\n".join(lines)

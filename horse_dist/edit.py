@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from horse_dist.config import ConfigError, load_config_with_extras, split_cli
+from horse_dist.config import ConfigError, load_config_with_extras, print_config, split_cli
 from horse_dist.data import DataFormatError, load_records, read_json, tokenize_example
 from horse_dist.engine import EditBatches, EditEngine
 from horse_dist.lm.passes import score_pass
@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from horse_dist.lm.export import check_export_target, save_edited_model
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    _, extras = load_config_with_extras(config_file, overrides, extras=EXTRAS)
+    cli = split_cli(sys.argv[1:] if argv is None else argv)
+    overrides = cli.overrides
+    _, extras = load_config_with_extras(cli.config_file, overrides, extras=EXTRAS)
     missing = [k for k in ("checkpoint", "edits", "out") if k not in extras]
     if missing:
         raise ConfigError(f"edit needs {', '.join(f'{k}=...' for k in missing)}")
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = load_checkpoint(checkpoint)
     rest = [o for o in overrides if o.split("=", 1)[0] not in EXTRAS]
     cfg = config_from_yaml(state["config"], rest)
+    if cli.show_config:
+        return print_config(cfg)
     engine, tokenizer = build_engine(cfg)
     engine.bank.load_state_dict(state["hypernet"])
     requests = load_edit_requests(extras["edits"], cfg.data.target)

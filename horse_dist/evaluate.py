@@ -17,7 +17,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from horse_dist.config import RunConfig, split_cli
+from horse_dist.config import RunConfig, print_config, split_cli
 from horse_dist.data import TokenizedRecords, meta_batch_indices, shard_slice
 from horse_dist.engine import EditEngine
 from horse_dist.generation.contrast import CONTRAST_METRICS, counterfact_scores
@@ -141,12 +141,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_on_sigterm()
-    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg, extras = load_config_with_extras(config_file, overrides, extras=("checkpoint", "out", "sweep"))
+    cli = split_cli(sys.argv[1:] if argv is None else argv)
+    overrides = cli.overrides
+    cfg, extras = load_config_with_extras(cli.config_file, overrides, extras=("checkpoint", "out", "sweep"))
     if "checkpoint" not in extras:
         raise ConfigError("evaluate needs checkpoint=PATH (a checkpoint file or a run folder)")
     state = load_checkpoint(extras["checkpoint"])
     cfg = _config_from_checkpoint(state, cfg, overrides)
+    if cli.show_config:
+        return print_config(cfg)
     engine, tokenizer = build_engine(cfg)
     engine.bank.load_state_dict(state["hypernet"])
     pools = load_data(cfg, tokenizer, model_positions(engine.model))

@@ -35,6 +35,7 @@ from horse_dist.config import (
     SequentialConfig,
     flatten,
     load_config,
+    print_config,
     split_cli,
     to_yaml,
 )
@@ -536,8 +537,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(compare(runs, out))  # noqa: T201
         print(f"plot: {out}")  # noqa: T201
         return {"plot": out}
-    config_file, overrides = split_cli(argv)
-    cfg, state = prepare_config(config_file, overrides)
+    cli = split_cli(argv)
+    cfg, state = prepare_config(cli.config_file, cli.overrides)
+    if cli.show_config:
+        return print_config(cfg)
     return run(cfg, state)
 
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from horse_dist.config import ConfigError, flatten, load_config_with_extras, split_cli
+from horse_dist.config import ConfigError, flatten, load_config_with_extras, print_config, split_cli
 
 log = logging.getLogger("horse_dist.sweep")
 
@@ -130,11 +130,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_on_sigterm()
-    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    methods_arg = [o.split("=", 1)[1] for o in overrides if o.startswith("methods=")]
+    cli = split_cli(sys.argv[1:] if argv is None else argv)
+    methods_arg = [o.split("=", 1)[1] for o in cli.overrides if o.startswith("methods=")]
     if not methods_arg:
         raise ConfigError("python -m horse_dist.sweep needs methods=a,b,...")
-    return run_methods_sweep(config_file, overrides, parse_methods(methods_arg[-1]))
+    if cli.show_config:  # each child run is this config with its method preset
+        shared = [o for o in cli.overrides if o.split("=", 1)[0] not in ("methods", "method")]
+        return print_config(load_config_with_extras(cli.config_file, shared, extras=())[0])
+    return run_methods_sweep(cli.config_file, cli.overrides, parse_methods(methods_arg[-1]))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from horse_dist.config import (
     config_from_yaml,
     flatten,
     load_config,
+    print_config,
     split_cli,
     to_yaml,
 )
@@ -374,10 +375,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the job; errors propagate (run_cli turns user errors into one line and exit code 2)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     exit_on_sigterm()
-    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(config_file, overrides)
+    cli = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(cli.config_file, cli.overrides)
     if cfg.train.resume:
-        cfg = resumed_config(cfg, overrides)
+        cfg = resumed_config(cfg, cli.overrides)
+    if cli.show_config:
+        return print_config(cfg)
     torch.manual_seed(cfg.train.seed)
     if cfg.dist.backend == "ray":
         from horse_dist.dist.ray_launch import run_ray

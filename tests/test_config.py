@@ -1,6 +1,9 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from horse_dist.config import (
     CONFIG_DIR,
@@ -87,8 +90,11 @@ def test_missing_config_file():
 def test_run_file_and_cli(tmp_path: Path):
     run = tmp_path / "run.yaml"
     run.write_text("defaults:\n  method: malmen\ntrain:\n  steps: 3\n")
-    config_file, overrides = split_cli(["--config", str(run), "train.seed=5"])
-    cfg = load_config(config_file, overrides)
+    cli = split_cli(["--config", str(run), "train.seed=5"])
+    cfg = load_config(cli.config_file, cli.overrides)
+    assert not cli.show_config and split_cli(["--cfg", "job", "a=1"]).show_config
+    with pytest.raises(ConfigError, match="--cfg takes one value: job"):
+        split_cli(["--cfg", "hydra"])
     assert cfg.method.name == "malmen" and cfg.train.steps == 3 and cfg.train.seed == 5
     with pytest.raises(ConfigError, match="key=value"):
         load_config(overrides=["steps"])
@@ -107,3 +113,31 @@ def test_extras_are_split_off():
         None, ["checkpoint=runs/x", "data.n_edits=8"], ("checkpoint", "out")
     )
     assert extras == {"checkpoint": "runs/x"} and cfg.data.n_edits == 8
+
+
+@pytest.mark.parametrize("command", ["train", "bench_ab"])  # the others share split_cli
+def test_help_lists_groups_presets_and_keys_and_exits_0(command):
+    done = subprocess.run(
+        [sys.executable, "-m", f"horse_dist.{command}", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"usage: python -m horse_dist.{command}" in done.stdout
+    assert "  method: agrade, horse, horse_reference, malmen" in done.stdout
+    assert "  data.target='new'  [new | true]" in done.stdout
+    assert "  sequential.method=" in done.stdout and "--cfg job" in done.stdout
+
+
+def test_cfg_job_prints_the_resolved_config_and_runs_nothing(tmp_path):
+    args = ["method=malmen", "train.steps=7", f"train.out_dir={tmp_path}", "--cfg", "job"]
+    done = subprocess.run(
+        [sys.executable, "-m", "horse_dist.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    printed = yaml.safe_load(done.stdout)
+    assert printed == yaml.safe_load(to_yaml(load_config(None, args[:3])))
+    assert printed["method"]["name"] == "malmen" and printed["train"]["steps"] == 7
+    assert list(tmp_path.iterdir()) == []  # no run folder, no mlflow.db

@@ -12,14 +12,16 @@ import sys
 
 import torch
 
-from horse_dist.config import load_config, split_cli
+from horse_dist.config import load_config, print_config, split_cli
 from horse_dist.keystats.job import report_dict, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config_file, overrides = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(config_file, overrides)
+    cli = split_cli(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(cli.config_file, cli.overrides)
+    if cli.show_config:
+        return print_config(cfg)
     torch.set_num_threads(max(1, int(cfg.keystats.cpus_per_worker)))
     stats, prov, report = run_job(cfg, cfg.model.source, cfg.model.edit_modules)
     summary = {"report": report_dict(report), "provenance": prov}
