@@ -8,7 +8,15 @@ import torch
 torch.set_num_threads(1)
 
 
+# Modules that start Ray clusters (or DeepSpeed process groups): one pytest-xdist worker runs them one after
+# another, because two local Ray clusters on one machine contend for the same default ports.
+RAY_MODULES = ("test_distributed.py", "test_keystats.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
