@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import resource
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from horse_dist.flops import (
 from horse_dist.lm.export import apply_shifts_
 from horse_dist.lm.registry import ARCHITECTURES, layer_index
 from horse_dist.pipeline import PhaseTimer, synced_clock
+from horse_dist.tracking import peak_rss_gb
 
 log = logging.getLogger("horse_dist.bench")
 
@@ -139,10 +139,6 @@ def matmul_rate(dtype: torch.dtype, device: torch.device, sizes: list[int], repe
             a @ b
             rates.append(2.0 * n**3 / (synced_clock() - start))
     return statistics.median(rates)
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def peak_device_gb(device: torch.device) -> float | None:

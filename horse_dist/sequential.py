@@ -413,7 +413,7 @@ def compare(paths: list[str], out: str) -> str:
     return format_table(summaries)
 
 
-def default_run_name(cfg: RunConfig) -> str:
+def default_stream_name(cfg: RunConfig) -> str:
     model = Path(cfg.model.source.rstrip("/")).name
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return f"seq-{cfg.sequential.method}-b{cfg.sequential.batch_size}-{model}-{cfg.data.name}-{stamp}"
@@ -437,7 +437,7 @@ def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[
 
     seq = cfg.sequential
     check_sequential(seq)
-    seq.run_name = seq.run_name or default_run_name(cfg)
+    seq.run_name = seq.run_name or default_stream_name(cfg)
     run_dir = resolve_path(cfg.train.out_dir) / seq.run_name
     if (run_dir / SUMMARY_NAME).exists():
         raise ConfigError(f"{run_dir} already holds a sequential run; choose another sequential.run_name")

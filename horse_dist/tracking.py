@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import re
+import resource
 import tempfile
 import threading
 import time
@@ -58,6 +59,11 @@ class NullTracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         pass
+
+
+def peak_rss_gb() -> float:
+    """This process's peak resident memory so far, GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def git_commit(start: str | Path | None = None) -> str:

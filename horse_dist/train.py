@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import statistics
 import sys
 import time
@@ -54,6 +53,7 @@ from horse_dist.tracking import (
     Tracker,
     experiment_name,
     make_tracker,
+    peak_rss_gb,
     registered_model_name,
     run_tags,
 )
@@ -61,10 +61,6 @@ from horse_dist.tracking import (
 log = logging.getLogger("horse_dist.train")
 
 SUMMED = ("gen_loss", "loc_loss", "train_gs", "train_ls", "cache_loss")
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def default_run_name(cfg: RunConfig) -> str:

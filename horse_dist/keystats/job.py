@@ -31,9 +31,10 @@ import torch
 from tqdm import tqdm
 
 from horse_dist.checkpoint import atomic_torch_save, atomic_write_text
-from horse_dist.config import REPO_ROOT, RunConfig
+from horse_dist.config import RunConfig
 from horse_dist.keystats.accumulate import KeyStats, accum_dtype, accumulate_texts, token_counts
 from horse_dist.keystats.corpus import Corpus, Shard, build_corpus, plan_shards, shards_json
+from horse_dist.tracking import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -374,24 +375,6 @@ def reduce_partials(plan: JobPlan) -> dict[str, KeyStats]:
             partial if total is None else {name: total[name] + partial[name] for name in plan.module_names}
         )
     return total
-
-
-def git_commit(root: Path = REPO_ROOT) -> str:
-    """HEAD's commit read from .git (no git process), or "" outside a checkout."""
-    git = root / ".git"
-    try:
-        head = (git / "HEAD").read_text().strip()
-        if not head.startswith("ref: "):
-            return head
-        ref = head[5:]
-        if (git / ref).is_file():
-            return (git / ref).read_text().strip()
-        for line in (git / "packed-refs").read_text().splitlines():
-            if line.endswith(" " + ref):
-                return line.split()[0]
-    except OSError:
-        pass
-    return ""
 
 
 def _version() -> str:
