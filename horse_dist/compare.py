@@ -3,6 +3,7 @@
     python -m horse_dist.compare [--uri URI] [--experiment NAME ...] [--run RUN_ID ...]
                                  [--filter "params.`method.name` = 'horse'"] [--max-runs 10]
                                  [--metrics eval/edited/ES,gen_loss] [--plot compare.png] [--all-params]
+                                 [--pareto live_ES:loc_gen_same] [--pareto-plot pareto.png]
 
 The URI defaults to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (what training writes by default).
 With no --experiment and no --run, the newest runs of every experiment are compared.
@@ -144,6 +145,64 @@ def plot_comparison(client: Any, runs: list, path: str | Path) -> Path:
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     figure.tight_layout()
+    return save_figure(figure, path)
+
+
+PARETO_ROWS = {"unedited": "s", "untrained": "^", "edited": "o"}  # marker per model state
+
+
+def pareto_frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The points no other point beats on both coordinates (higher is better on both), by x."""
+    frontier = []
+    for x, y in sorted(set(points), key=lambda p: (-p[0], -p[1])):
+        if not frontier or y > frontier[-1][1]:
+            frontier.append((x, y))
+    return frontier[::-1]
+
+
+def pareto_figure(points: dict[str, dict[str, tuple[float, float]]], y: str, x: str, title: str = "") -> Any:
+    """`points[label][row] = (x, y)` for the rows of PARETO_ROWS: one colour per label (run or method), one
+    marker per model state; the dashed line is the frontier of the edited and untrained points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    edits = []
+    for i, (label, rows) in enumerate(points.items()):
+        for row, (px, py) in rows.items():
+            axis.scatter(px, py, color=f"C{i % 10}", marker=PARETO_ROWS[row], label=f"{label} {row}", s=36)
+            if row != "unedited":
+                edits.append((px, py))
+    frontier = pareto_frontier(edits)
+    if len(frontier) > 1:
+        axis.plot(*zip(*frontier), "--", color="grey", lw=1, label="frontier")
+    axis.set(xlabel=f"{x} (locality)", ylabel=f"{y} (edit success)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=6, loc="lower left")
+    figure.tight_layout()
+    return figure
+
+
+def run_points(runs: list, y: str, x: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each run's (x, y) per model state, from its final `eval/<row>/<metric>` metrics."""
+    points = {}
+    for run in runs:
+        metrics = run.data.metrics
+        rows = {
+            row: (metrics[f"eval/{row}/{x}"], metrics[f"eval/{row}/{y}"])
+            for row in PARETO_ROWS
+            if f"eval/{row}/{x}" in metrics and f"eval/{row}/{y}" in metrics
+        }
+        if rows:
+            points[run.info.run_name or run.info.run_id[:8]] = rows
+    return points
+
+
+def save_figure(figure: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -165,6 +224,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--all-params", action="store_true", help="show every param, not only those that differ"
     )
+    parser.add_argument(
+        "--pareto",
+        default="",
+        metavar="Y:X",
+        help="also plot edit success Y against locality X per run and model state, e.g. live_ES:loc_gen_same",
+    )
+    parser.add_argument("--pareto-plot", default="pareto.png", help="where --pareto writes its plot")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from mlflow import MlflowClient
@@ -178,6 +244,13 @@ def main(argv: list[str] | None = None) -> str:
     print(table)  # noqa: T201
     if args.plot:
         print(f"\nplot: {plot_comparison(client, runs, args.plot)}")  # noqa: T201
+    if args.pareto:
+        y, _, x = args.pareto.partition(":")
+        points = run_points(runs, y, x)
+        if not x or not points:
+            raise SystemExit(f"--pareto {args.pareto}: no run has eval/<row>/{y} and eval/<row>/{x}")
+        path = save_figure(pareto_figure(points, y, x, f"{len(points)} runs"), args.pareto_plot)
+        print(f"pareto plot: {path}")  # noqa: T201
     return table
 
 

@@ -4,7 +4,9 @@
 
 Each child is a full `python -m horse_dist.train` run (local or `dist.backend=ray`) with `method=<name>` and
 the shared overrides; the parent holds each method's final ES/GS/LS (`<method>/ES`, ...), a side-by-side table
-(sweep_methods.json) and a bar plot (plots/methods.png), and the console gets the same table.
+(sweep_methods.json), a bar plot (plots/methods.png) and the trade-off plot (plots/pareto.png: live ES against
+unrelated continuations kept, for the unedited model, each untrained and each trained editor), and the console
+gets the same table.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from horse_dist.compare import PARETO_ROWS, pareto_figure
 from horse_dist.config import ConfigError, flatten, load_config_with_extras, print_config, split_cli
 
 log = logging.getLogger("horse_dist.sweep")
@@ -74,6 +77,24 @@ def plot_methods(rows: dict[str, dict[str, float]], title: str) -> Any:
     return figure
 
 
+PARETO_AXES = ("live_ES", "loc_gen_same")  # (edit success, locality) of the parent run's Pareto plot
+
+
+def method_points(
+    rows: dict[str, dict[str, float]], y: str, x: str
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """(x, y) per method and model state (unedited, untrained, edited) from the children's results."""
+    return {
+        method: {
+            row: (result[f"{row}/{x}"], result[f"{row}/{y}"])
+            for row in PARETO_ROWS
+            if f"{row}/{x}" in result and f"{row}/{y}" in result
+        }
+        for method, result in rows.items()
+        if any(f"{row}/{x}" in result for row in PARETO_ROWS)
+    }
+
+
 def run_methods_sweep(config_file: str | None, overrides: list[str], methods: list[str]) -> dict[str, Any]:
     from horse_dist import train
     from horse_dist.tracking import experiment_name, make_tracker, run_tags
@@ -108,15 +129,20 @@ def run_methods_sweep(config_file: str | None, overrides: list[str], methods: li
             path = Path(folder) / "sweep_methods.json"
             path.write_text(json.dumps(rows, indent=2))
             parent.log_artifact(path)
+        title = f"{cfg.model.source}, {cfg.data.name}, {cfg.data.n_edits} edits"
         try:
-            figure = plot_methods(rows, f"{cfg.model.source}, {cfg.data.name}, {cfg.data.n_edits} edits")
+            figures = {"plots/methods.png": plot_methods(rows, title)}
+            points = method_points(rows, *PARETO_AXES)
+            if points:
+                figures["plots/pareto.png"] = pareto_figure(points, *PARETO_AXES, title)
         except Exception as err:  # e.g. no matplotlib: the runs themselves are fine
             log.warning("could not plot the methods (%s)", err)
         else:
-            parent.log_figure(figure, "plots/methods.png")
             import matplotlib.pyplot as plt
 
-            plt.close(figure)
+            for name, figure in figures.items():
+                parent.log_figure(figure, name)
+                plt.close(figure)
     except BaseException:
         parent.finish("FAILED")
         raise

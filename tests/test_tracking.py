@@ -214,6 +214,8 @@ def test_a_methods_sweep_nests_one_training_run_per_method(tiny, tmp_path, capsy
         assert parent.data.metrics[f"{method}/ES"] == pytest.approx(child.data.metrics["eval/edited/ES"])
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"sweep_methods.json", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert plots == {"plots/methods.png", "plots/pareto.png"}  # live ES against unchanged continuations
     table = capsys.readouterr().out
     assert "horse " in table and "malmen " in table and "median_step_seconds" in table
 
@@ -237,6 +239,31 @@ def test_compare_prints_config_differences_and_final_metrics(two_runs, tmp_path,
         ["--uri", uri, "-e", "zsre-llama", "-f", "tags.method = 'horse'", "--plot", ""]
     )
     assert "method.rank" in by_experiment
+
+    pareto = tmp_path / "pareto.png"
+    compare.main(
+        [
+            "--uri",
+            uri,
+            "-e",
+            "zsre-llama",
+            "--plot",
+            "",
+            "--pareto",
+            "ES:loc_agreement",
+            "--pareto-plot",
+            str(pareto),
+        ]
+    )
+    assert pareto.stat().st_size > 1000
+    with pytest.raises(SystemExit, match="no run has eval/<row>/ES and eval/<row>/nope"):
+        compare.main(["--uri", uri, "-e", "zsre-llama", "--plot", "", "--pareto", "ES:nope"])
+
+
+def test_pareto_frontier_by_hand():
+    points = [(0.1, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.2), (0.9, 0.1), (0.5, 0.5)]
+    assert compare.pareto_frontier(points) == [(0.1, 0.9), (0.5, 0.5), (0.9, 0.2)]
+    assert compare.pareto_frontier([(0.3, 0.3)]) == [(0.3, 0.3)]
 
 
 def test_training_survives_an_unreachable_tracking_server(tiny, tmp_path):
