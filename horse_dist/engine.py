@@ -7,16 +7,19 @@ its own slice of each meta-batch, and every global quantity goes through the wor
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 from torch import nn
 
 from horse_dist.config import RunConfig
-from horse_dist.data import TokenBatch, TokenizedRecords, collate, micro_batch_plan
+from horse_dist.data import TokenBatch, TokenizedExample, TokenizedRecords, collate, micro_batch_plan
 from horse_dist.data.packing import collate_packed, packed_plan
 from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
+from horse_dist.editor.losses import per_example_ce
 from horse_dist.editor.prior import layer_shift, prior_whitening, whiten_keys, whitened_shift_grad
 from horse_dist.keystats.accumulate import accumulate_texts
 from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits
@@ -32,6 +35,7 @@ from horse_dist.lm.hooks import EditHooks
 from horse_dist.lm.passes import (
     CacheResult,
     Logits,
+    answer_logits,
     cache_pass,
     loss_pass,
     model_inputs,
@@ -363,3 +367,23 @@ class EditEngine:
             out[f"{name}/loc_agreement"] = unrel_after.agreement
             all_shifts[name] = shifts
         return out, all_shifts
+
+    @torch.no_grad()
+    def answer_nll(
+        self, views: dict[str, list[TokenizedExample]], shifts: dict[str, list[torch.Tensor] | None]
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        """`[row][view]`: each example's mean answer-token NLL (float64, CPU) with row's shifts applied (None:
+        the unedited model). The blocks below the lowest edited one run once per micro-batch for all rows."""
+        out: dict[str, dict[str, torch.Tensor]] = {row: {} for row in shifts}
+        for view, examples in views.items():
+            batches, n = self.micro_batches(examples), len(examples)
+            logits_fn = self.resumed_logits(self.shared_hidden()) or partial(answer_logits, self.model)
+            for row, row_shifts in shifts.items():
+                total = torch.zeros(n, dtype=torch.float64)
+                for batch in batches:
+                    _, labels_P, example_ids_P = batch.answer_positions()
+                    with self.hooks.shifted(row_shifts) if row_shifts is not None else nullcontext():
+                        logits_PV = logits_fn(batch)
+                    total += per_example_ce(logits_PV, labels_P, example_ids_P, n).double().cpu()
+                out[row][view] = total
+        return out

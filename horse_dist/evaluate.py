@@ -20,7 +20,7 @@ from tqdm import tqdm
 from horse_dist.config import RunConfig, print_config, split_cli
 from horse_dist.data import TokenizedRecords, meta_batch_indices, shard_slice
 from horse_dist.engine import EditEngine
-from horse_dist.generation.contrast import CONTRAST_METRICS, counterfact_scores
+from horse_dist.generation.contrast import CONTRAST_METRICS, contrast_views, scores_from_nll
 from horse_dist.generation.live import LIVE_METRICS, LiveEval, LiveRequests
 from horse_dist.pipeline import HyperNetBank, untrained_bank
 
@@ -70,14 +70,14 @@ def evaluate_pool(
             requests = LiveRequests.from_pool(pool, indices)
             reference = live.generate(engine.model, requests)
             add("unedited", live.scores(requests, reference, reference["unrel"]))
-            if pool.contrast is not None:
-                add("unedited", counterfact_scores(engine.model, pool, indices, live.pad_id))
             for row, row_shifts in shifts.items():
                 with engine.hooks.shifted(row_shifts):
                     generated = live.generate(engine.model, requests)
-                    if pool.contrast is not None:
-                        add(row, counterfact_scores(engine.model, pool, indices, live.pad_id))
                 add(row, live.scores(requests, generated, reference["unrel"]))
+            if pool.contrast is not None:
+                nll = engine.answer_nll(contrast_views(pool, indices), {"unedited": None, **shifts})
+                for row, row_nll in nll.items():
+                    add(row, scores_from_nll(row_nll))
     keys = sorted(sums)
     totals = world.all_reduce_sum(torch.stack([sums[k] for k in keys]))
     count = n_edits * n_batches

@@ -1,5 +1,6 @@
 """CounterFact's contrast scores (ROME's efficacy / paraphrase / neighbourhood score and magnitude)."""
 
+import contextlib
 import math
 
 import pytest
@@ -10,7 +11,14 @@ from horse_dist.config import load_config
 from horse_dist.data import EditRecord, concat_records, select_records, tokenize_example, tokenize_records
 from horse_dist.data.formats import load_records
 from horse_dist.evaluate import evaluate_pool, format_table, live_eval_for
-from horse_dist.generation.contrast import CONTRAST_METRICS, answer_nll, contrast_scores, counterfact_scores
+from horse_dist.generation.contrast import (
+    CONTRAST_METRICS,
+    answer_nll,
+    contrast_scores,
+    contrast_views,
+    counterfact_scores,
+    without_stop,
+)
 from horse_dist.tiny.models import TINY_RUN_OVERRIDES, build_tiny_model
 from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
 
@@ -37,18 +45,20 @@ def test_answer_nll_equals_one_sequence_at_a_time_and_skips_the_stop():
     tokenizer = build_sentencepiece_tokenizer()
     model = build_tiny_model("llama", tokenizer).eval()
     stop = tokenizer.eos_token_id
+    stopped = tokenize_example(tokenizer, "Who wrote it?", "Victor Hugo of Besancon", stop)
     examples = [
         tokenize_example(tokenizer, "The capital of France is", "Paris"),
-        tokenize_example(tokenizer, "Who wrote it?", "Victor Hugo of Besancon", stop),
+        without_stop(stopped),
         tokenize_example(tokenizer, "x", "y"),
     ]
+    assert examples[1].labels == [*stopped.labels[:-1], -100] and stopped.labels[-1] == stop
     batched = answer_nll(model, examples, pad_id=0, chunk=2)  # padding and two chunks
-    for example, value in zip(examples, batched):
+    for example, original, value in zip(examples, [examples[0], stopped, examples[2]], batched):
         with torch.no_grad():
             logits = model(torch.tensor([example.input_ids])).logits[0].double()
-        labels = torch.tensor(example.labels)
+        labels = torch.tensor(original.labels)
         scored = (labels != -100).nonzero()[:, 0]
-        if example.ends_with_stop:
+        if original.ends_with_stop:
             scored = scored[:-1]
         nll = -torch.log_softmax(logits[scored], -1).gather(-1, labels[scored][:, None])
         assert value.item() == pytest.approx(nll.mean().item(), abs=1e-5)
@@ -97,10 +107,19 @@ def test_evaluation_reports_contrast_scores_on_counterfact_only():
     pools = load_data(cfg, tokenizer)
     live = live_eval_for(cfg, tokenizer)
     result = evaluate_pool(engine, pools.eval, 8, 1, 0, False, live)
-    direct = counterfact_scores(engine.model, pools.eval, list(range(8)), live.pad_id)  # unedited model
-    for metric in CONTRAST_METRICS:
-        assert result[f"unedited/{metric}"] == pytest.approx(direct[metric].mean().item(), abs=1e-9)
-        assert -1.0 <= result[f"edited/{metric}"] <= 1.0
+    indices = list(range(8))
+    _, shifts = engine.evaluate_batch(engine.batches_for(pools.eval, indices))
+    # the engine's pass (packed rows, lower blocks run once for all rows) equals one plain forward per view
+    engine_nll = engine.answer_nll(contrast_views(pools.eval, indices), {"unedited": None, **shifts})
+    for row, row_shifts in (("unedited", None), ("edited", shifts["edited"])):
+        with engine.hooks.shifted(row_shifts) if row_shifts else contextlib.nullcontext():
+            direct = counterfact_scores(engine.model, pools.eval, indices, live.pad_id)
+        for view, views in contrast_views(pools.eval, indices).items():
+            with engine.hooks.shifted(row_shifts) if row_shifts else contextlib.nullcontext():
+                plain = answer_nll(engine.model, views, live.pad_id)
+            torch.testing.assert_close(engine_nll[row][view], plain, rtol=1e-5, atol=1e-5)
+        for metric in CONTRAST_METRICS:
+            assert result[f"{row}/{metric}"] == pytest.approx(direct[metric].mean().item(), abs=1e-5)
     assert "cf_efficacy" in format_table(result)
 
     zsre = load_config(

@@ -15,6 +15,7 @@ each. The end-of-text that may follow an edit answer (data.answer_end=eos) is no
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -31,20 +32,38 @@ CONTRAST_METRICS = (
 )
 
 
-def scored_labels(example: TokenizedExample) -> list[int]:
-    """The example's labels with the end-of-text after the answer (if any) masked out."""
-    labels = list(example.labels)
-    if example.ends_with_stop:
-        labels[-1] = IGNORE_INDEX
-    return labels
+def without_stop(example: TokenizedExample) -> TokenizedExample:
+    """The example with the end-of-text after its answer (if any) left unscored."""
+    if not example.ends_with_stop:
+        return example
+    return replace(example, labels=[*example.labels[:-1], IGNORE_INDEX], ends_with_stop=False)
+
+
+# (score, view with the preferred answer, view with the other one)
+CONTRAST_PAIRS = (
+    ("efficacy", "edit", "edit_other"),
+    ("paraphrase", "equiv", "equiv_other"),
+    ("neighbourhood", "unrel", "unrel_other"),
+)
+
+
+def contrast_views(pool: TokenizedRecords, indices: Sequence[int]) -> dict[str, list[TokenizedExample]]:
+    """The six (prompt, answer) views the scores compare, for the records `indices`, no end-of-text scored."""
+    if pool.contrast is None:
+        raise ValueError("contrast scores need records that name the answer an edit replaces (CounterFact)")
+    sources = {"edit": pool.edit, "equiv": pool.equiv, "unrel": pool.unrel}
+    sources.update(
+        {view: getattr(pool.contrast, view) for view in ("edit_other", "equiv_other", "unrel_other")}
+    )
+    return {view: [without_stop(examples[i]) for i in indices] for view, examples in sources.items()}
 
 
 @torch.no_grad()
 def answer_nll(
     model: nn.Module, examples: Sequence[TokenizedExample], pad_id: int, chunk: int = 64
 ) -> torch.Tensor:
-    """(N,) float64 mean NLL of each example's answer tokens under `model` (with whatever hooks are active),
-    right-padded batches of `chunk` sequences."""
+    """(N,) float64 mean NLL of each example's scored answer tokens under `model` (with whatever hooks are
+    active), right-padded batches of `chunk` sequences."""
     device = model.get_input_embeddings().weight.device
     out = []
     for start in range(0, len(examples), chunk):
@@ -56,7 +75,7 @@ def answer_nll(
         for row, example in enumerate(part):
             n = len(example.input_ids)
             ids_BT[row, :n] = torch.as_tensor(example.input_ids)
-            labels_BT[row, :n] = torch.as_tensor(scored_labels(example))
+            labels_BT[row, :n] = torch.as_tensor(example.labels)
             mask_BT[row, :n] = 1
         ids_BT, labels_BT, mask_BT = ids_BT.to(device), labels_BT.to(device), mask_BT.to(device)
         hidden_BTH = model.base_model(input_ids=ids_BT, attention_mask=mask_BT, use_cache=False)[0]
@@ -77,26 +96,19 @@ def contrast_scores(
     return {f"cf_{name}": (nll_prefer_N < nll_other_N).double(), f"cf_{name}_mag": p_prefer_N - p_other_N}
 
 
+def scores_from_nll(nll: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CONTRAST_METRICS per edit from the mean answer NLL of every view of contrast_views."""
+    out = {}
+    for name, preferred, other in CONTRAST_PAIRS:
+        out.update(contrast_scores(nll[preferred], nll[other], name))
+    return out
+
+
 def counterfact_scores(
     model: nn.Module, pool: TokenizedRecords, indices: Sequence[int], pad_id: int
 ) -> dict[str, torch.Tensor]:
     """Per-edit CONTRAST_METRICS of `model` as it is now (hooks active) on the records `indices` of `pool`,
-    which must carry contrast views."""
-    if pool.contrast is None:
-        raise ValueError("contrast scores need records that name the answer an edit replaces (CounterFact)")
-    views = {
-        "edit": pool.edit,
-        "equiv": pool.equiv,
-        "unrel": pool.unrel,
-        "edit_other": pool.contrast.edit_other,
-        "equiv_other": pool.contrast.equiv_other,
-        "unrel_other": pool.contrast.unrel_other,
-    }
-    examples = [views[v][i] for v in views for i in indices]
-    nll = answer_nll(model, examples, pad_id).view(len(views), len(indices))
-    nll_of = dict(zip(views, nll))
-    return {
-        **contrast_scores(nll_of["edit"], nll_of["edit_other"], "efficacy"),
-        **contrast_scores(nll_of["equiv"], nll_of["equiv_other"], "paraphrase"),
-        **contrast_scores(nll_of["unrel"], nll_of["unrel_other"], "neighbourhood"),
-    }
+    which must carry contrast views: one plain forward per view (EditEngine.answer_nll shares the blocks
+    below the edited ones across model states)."""
+    views = contrast_views(pool, indices)
+    return scores_from_nll({view: answer_nll(model, examples, pad_id) for view, examples in views.items()})
