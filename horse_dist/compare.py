@@ -168,7 +168,7 @@ def pareto_figure(points: dict[str, dict[str, tuple[float, float]]], y: str, x: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    figure, axis = plt.subplots(figsize=(9, 4.5))
     edits = []
     for i, (label, rows) in enumerate(points.items()):
         for row, (px, py) in rows.items():
@@ -180,7 +180,7 @@ def pareto_figure(points: dict[str, dict[str, tuple[float, float]]], y: str, x: 
         axis.plot(*zip(*frontier), "--", color="grey", lw=1, label="frontier")
     axis.set(xlabel=f"{x} (locality)", ylabel=f"{y} (edit success)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
     axis.set_title(title, fontsize=9)
-    axis.legend(fontsize=6, loc="lower left")
+    axis.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the points, never on them
     figure.tight_layout()
     return figure
 
