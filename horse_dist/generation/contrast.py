@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from horse_dist.data.tokenize import IGNORE_INDEX, TokenizedExample, TokenizedRecords
+from horse_dist.data.tokenize import CONTRAST_VIEWS, IGNORE_INDEX, TokenizedExample, TokenizedRecords
 
 CONTRAST_METRICS = (
     "cf_efficacy",
@@ -52,9 +52,7 @@ def contrast_views(pool: TokenizedRecords, indices: Sequence[int]) -> dict[str, 
     if pool.contrast is None:
         raise ValueError("contrast scores need records that name the answer an edit replaces (CounterFact)")
     sources = {"edit": pool.edit, "equiv": pool.equiv, "unrel": pool.unrel}
-    sources.update(
-        {view: getattr(pool.contrast, view) for view in ("edit_other", "equiv_other", "unrel_other")}
-    )
+    sources.update({view: getattr(pool.contrast, view) for view in CONTRAST_VIEWS})
     return {view: [without_stop(examples[i]) for i in indices] for view, examples in sources.items()}
 
 
