@@ -129,9 +129,12 @@ def checkpoint_state(
     step: int,
     config_yaml: str,
     edit_modules: list[str],
+    data_fingerprint: str = "",
 ) -> dict[str, Any]:
-    """Everything needed to resume exactly or to edit with the trained hypernetwork."""
+    """Everything needed to resume exactly or to edit with the trained hypernetwork; `data_fingerprint`
+    (data.records_fingerprint of the training pool) lets a resume refuse a changed pool."""
     return {
+        "data_fingerprint": data_fingerprint,
         "format": "horse_dist.checkpoint.v1",
         "hypernet": hypernet.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

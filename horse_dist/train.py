@@ -44,7 +44,7 @@ from horse_dist.config import (
     split_cli,
     to_yaml,
 )
-from horse_dist.data import meta_batch_indices, shard_slice
+from horse_dist.data import meta_batch_indices, records_fingerprint, shard_slice
 from horse_dist.dist.world import LocalWorld
 from horse_dist.engine import DivergedError
 from horse_dist.evaluate import evaluate_pool, format_table, full_evaluation, live_eval_for
@@ -147,6 +147,20 @@ def check_resume(saved_yaml: str, cfg: RunConfig, run_dir: Path) -> None:
         log.warning("resuming %s with overridden config: %s", run_dir, listed)
 
 
+def check_resumed_data(saved: str, current: str, cfg: RunConfig, run_dir: Path) -> None:
+    """A resume draws its meta-batches as indices into the training pool: a changed pool (file edited or
+    replaced, other records dropped) would silently change them. Refused unless train.resume_override."""
+    if not saved or saved == current:  # checkpoints before data fingerprints carry none
+        return
+    problem = (
+        f"{run_dir}: the training records differ from the ones this run was trained on "
+        f"({cfg.data.train_path}: fingerprint {current[:12]}, checkpoint {saved[:12]})"
+    )
+    if not cfg.train.resume_override:
+        raise ConfigError(f"{problem}; set train.resume_override=true to continue on the new records")
+    log.warning("%s; continuing on the new records (train.resume_override)", problem)
+
+
 @contextmanager
 def owned_run_dir(cfg: RunConfig) -> Iterator[Path]:
     """The run folder, locked for this run: a new run refuses a folder holding a checkpoint (a resume's config
@@ -213,7 +227,9 @@ def train_worker(
     optimizer = engine.make_optimizer()
     start_step = 0
     state = store.load_latest() if cfg.train.resume else None
+    fingerprint = records_fingerprint(pools.train_records)
     if state is not None:
+        check_resumed_data(state.get("data_fingerprint", ""), fingerprint, cfg, run_dir)
         engine.bank.load_state_dict(state["hypernet"])
         optimizer.load_state_dict(state["optimizer"])
         set_learning_rates(optimizer, cfg)
@@ -310,6 +326,7 @@ def train_worker(
                 step=step + 1,
                 config_yaml=to_yaml(cfg),
                 edit_modules=engine.module_names,
+                data_fingerprint=fingerprint,
             )
             store.save(state, metrics)
 

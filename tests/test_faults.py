@@ -415,3 +415,22 @@ def test_resume_continues_the_saved_config_with_only_the_new_overrides(base_run,
     assert load_checkpoint(base_run)["step"] == 5
     code, err = cli(train.main, [*args, "method=malmen"], capsys)
     assert code == 2 and "method=malmen: the method is fixed by the checkpoint" in one_error_line(err)
+
+
+def test_resume_refuses_a_changed_training_file_unless_overridden(tiny_dir, data_file, tmp_path, capsys):
+    changed = tmp_path / "zsre32.json"
+    changed.write_text(data_file.read_text())
+    args = {"train.run_name": "r", "train.steps": 1, "data.eval_path": str(data_file)}
+    train.main(tiny_args(tiny_dir, changed, tmp_path, **args))
+    saved = load_checkpoint(tmp_path / "r")["data_fingerprint"]
+    assert len(saved) == 64
+    rows = json.loads(changed.read_text())
+    changed.write_text(json.dumps([rows[1], rows[0], *rows[2:]]))  # same records, another order
+    resume = {**args, "train.resume": True, "train.steps": 2}
+    code, err = cli(train.main, tiny_args(tiny_dir, changed, tmp_path, **resume), capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"training records differ from the ones this run was trained on ({changed}" in line
+    assert "set train.resume_override=true" in line and load_checkpoint(tmp_path / "r")["step"] == 1
+    override = {**resume, "train.resume_override": True}
+    assert cli(train.main, tiny_args(tiny_dir, changed, tmp_path, **override), capsys)[0] == 0
+    assert load_checkpoint(tmp_path / "r")["step"] == 2

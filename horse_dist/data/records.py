@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass
 
 
 @dataclass(frozen=True)
@@ -17,6 +19,15 @@ class EditRecord:
     subject: str = ""
     # the answer the edit replaces (CounterFact: the other of true/new), for ROME's contrast scores; "" if none
     other_answer: str = ""
+
+
+def records_fingerprint(records: Sequence[EditRecord]) -> str:
+    """sha256 of the records' text in order: a meta-batch's records are indices into this list, so a resumed
+    run must see the same one."""
+    digest = hashlib.sha256(str(len(records)).encode())
+    for record in records:
+        digest.update("\x1f".join(astuple(record)).encode() + b"\x1e")
+    return digest.hexdigest()
 
 
 class DataFormatError(ValueError):
