@@ -14,6 +14,7 @@ from horse_dist.data import (
     EditRecord,
     TokenizedRecords,
     answer_stop_id,
+    first_few,
     load_records,
     overlong,
     select_records,
@@ -70,12 +71,11 @@ def _drop_overlong(
     if len(too_long) == len(records):
         raise DataFormatError(path, f"every record is longer than the model's {max_tokens} positions")
     log.warning(
-        "%s: dropped %d record(s) longer than the model's %d positions: indices %s%s",
+        "%s: dropped %d record(s) longer than the model's %d positions: indices %s",
         path,
         len(too_long),
         max_tokens,
-        too_long[:10],
-        " ..." if len(too_long) > 10 else "",
+        first_few(too_long),
     )
     bad = set(too_long)
     keep = [i for i in range(len(records)) if i not in bad]

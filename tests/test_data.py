@@ -14,6 +14,7 @@ from horse_dist.data import (
     TokenizedExample,
     collate,
     detect_format,
+    first_few,
     load_records,
     meta_batch_indices,
     micro_batches,
@@ -142,6 +143,11 @@ def test_limit_counts_kept_records_and_stops_reading(caplog):
     assert [r.prompt for r in records] == [row["src"] for row in raw[:61] if row["alt"]]
     assert caplog.records[0].getMessage().endswith("indices [54]")  # later empty targets were never read
     assert load_records(ZSRE_HEAD, limit=0) == []
+
+
+def test_long_index_lists_are_cut_in_log_lines():
+    assert first_few([3, 5]) == "[3, 5]"
+    assert first_few(list(range(155_000))) == "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] ..."
 
 
 def test_counterfact_flat_bundled_both_targets():

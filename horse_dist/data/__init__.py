@@ -11,7 +11,7 @@ from horse_dist.data.batching import (
     train_eval_split,
 )
 from horse_dist.data.formats import FORMATS, TARGETS, detect_format, load_records, read_json
-from horse_dist.data.records import DataFormatError, EditRecord, records_fingerprint
+from horse_dist.data.records import DataFormatError, EditRecord, first_few, records_fingerprint
 from horse_dist.data.tokenize import (
     IGNORE_INDEX,
     ContrastViews,
@@ -38,6 +38,7 @@ __all__ = [
     "TokenizedRecords",
     "collate",
     "detect_format",
+    "first_few",
     "load_records",
     "read_json",
     "records_fingerprint",

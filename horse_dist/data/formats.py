@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from horse_dist.data.records import DataFormatError, EditRecord
+from horse_dist.data.records import DataFormatError, EditRecord, first_few
 
 logger = logging.getLogger(__name__)
 
@@ -264,7 +264,7 @@ def load_records(
             name,
             len(dropped),
             target,
-            dropped,
+            first_few(dropped),
         )
     _report_duplicates(records, name)
     return records

@@ -21,6 +21,11 @@ class EditRecord:
     other_answer: str = ""
 
 
+def first_few(indices: Sequence[int], n: int = 10) -> str:
+    """The first `n` of a list of record indices for a log line (a 155k-record file may drop thousands)."""
+    return f"{list(indices[:n])}{' ...' if len(indices) > n else ''}"
+
+
 def records_fingerprint(records: Sequence[EditRecord]) -> str:
     """sha256 of the records' text in order: a meta-batch's records are indices into this list, so a resumed
     run must see the same one."""
