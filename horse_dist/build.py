@@ -82,9 +82,10 @@ def _drop_overlong(
     return [records[i] for i in keep], select_records(tokenized, keep)
 
 
-def load_data(cfg: RunConfig, tokenizer, max_tokens: int | None = None) -> DataPools:
+def load_data(cfg: RunConfig, tokenizer, max_tokens: int | None = None, train: bool = True) -> DataPools:
     """The training and evaluation pools; records longer than `max_tokens` (the model's positions) are
-    dropped with a warning."""
+    dropped with a warning. `train=False` (evaluation alone) leaves the training pool empty: at zsRE's full
+    155k records its tokenisation takes minutes that evaluation never uses."""
     data = cfg.data
     train_records = _nonempty_records(data.train_path, data)
     if data.eval_path:
@@ -95,8 +96,10 @@ def load_data(cfg: RunConfig, tokenizer, max_tokens: int | None = None) -> DataP
         train_records = [train_records[i] for i in train_idx]
     if data.max_train_records:
         train_records = train_records[: data.max_train_records]
+    if not train:
+        train_records = []
     stop_id = answer_stop_id(tokenizer, data.answer_end)
-    train_records, train = _drop_overlong(
+    train_records, train_pool = _drop_overlong(
         train_records, tokenize_records(tokenizer, train_records, stop_id), max_tokens, data.train_path
     )
     eval_records, evaluation = _drop_overlong(
@@ -105,8 +108,11 @@ def load_data(cfg: RunConfig, tokenizer, max_tokens: int | None = None) -> DataP
         max_tokens,
         data.eval_path or data.train_path,
     )
-    log.info("data: %d training and %d evaluation edits", len(train_records), len(eval_records))
-    return DataPools(train_records, eval_records, train, evaluation)
+    if train:
+        log.info("data: %d training and %d evaluation edits", len(train_records), len(eval_records))
+    else:
+        log.info("data: %d evaluation edits", len(eval_records))
+    return DataPools(train_records, eval_records, train_pool, evaluation)
 
 
 def model_positions(model: torch.nn.Module) -> int | None:

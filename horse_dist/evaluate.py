@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return print_config(cfg)
     engine, tokenizer = build_engine(cfg)
     engine.bank.load_state_dict(state["hypernet"])
-    pools = load_data(cfg, tokenizer, model_positions(engine.model))
+    pools = load_data(cfg, tokenizer, model_positions(engine.model), train=False)
     if "sweep" in extras:
         sizes = [int(n) for n in extras["sweep"].split(",") if n.strip()]
         result = run_sweep(cfg, engine, tokenizer, pools.eval, sizes, str(extras["checkpoint"]))

@@ -515,3 +515,15 @@ def test_micro_batches_split_to_a_minimum_count():
     assert sorted(int(i) for b in split for i in b.example_ids) == [0, 1, 2, 3, 4]  # every edit exactly once
     with pytest.raises(ValueError, match="cannot make 6 micro-batches of 5 examples"):
         micro_batches(examples, 4, 0, min_batches=6)
+
+
+def test_evaluation_alone_tokenises_no_training_records():
+    from horse_dist.build import load_data
+    from horse_dist.config import load_config
+    from horse_dist.tiny.models import TINY_RUN_OVERRIDES
+    from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
+
+    cfg, tokenizer = load_config(None, list(TINY_RUN_OVERRIDES)), build_sentencepiece_tokenizer()
+    both, evaluation = load_data(cfg, tokenizer), load_data(cfg, tokenizer, train=False)
+    assert len(both.train.edit) == 24 and evaluation.train_records == [] and evaluation.train.edit == []
+    assert evaluation.eval_records == both.eval_records and evaluation.eval.edit == both.eval.edit
