@@ -413,6 +413,20 @@ def test_locate_methods_without_their_packages_say_so(tiny_dir, monkeypatch):
 
 
 # ---- locate-then-edit methods (horse_dist.locate + horse_dist.keystats) ------------------------------------
+def _locate_overrides(tmp_path: Path) -> dict:
+    """Key statistics in this process (no Ray) from 2000 tokens, layers 1-2 of the tiny model, short value
+    optimisation, outputs under tmp_path."""
+    return {
+        "keystats.num_workers": 0,
+        "keystats.cache_dir": str(tmp_path / "keystats"),
+        "keystats.max_tokens": 2000,
+        "locate.layers": "[1,2]",
+        "locate.v_steps": 5,
+        "train.out_dir": str(tmp_path),
+        "tracking.enabled": False,
+    }
+
+
 @pytest.mark.parametrize("method", ["mose", "memit", "alphaedit"])
 def test_locate_stream_on_the_tiny_model(method, tiny_dir, data_file, tmp_path):
     pytest.importorskip("horse_dist.locate")
@@ -424,13 +438,7 @@ def test_locate_stream_on_the_tiny_model(method, tiny_dir, data_file, tmp_path):
         "sequential.eval_every": 1,
         "sequential.run_name": method,
         **_data_overrides(data_file),
-        "keystats.num_workers": 0,  # in this process, no Ray
-        "keystats.cache_dir": str(tmp_path / "keystats"),
-        "keystats.max_tokens": 2000,
-        "locate.layers": "[1,2]",
-        "locate.v_steps": 5,
-        "train.out_dir": str(tmp_path),
-        "tracking.enabled": False,
+        **_locate_overrides(tmp_path),
     }
     summary = sequential.main([f"{k}={v}" for k, v in overrides.items()])
     assert summary["method"] == method and summary["n_edits"] == 3
@@ -464,13 +472,7 @@ def test_counterfact_stream_reports_contrast_scores(tiny_dir, tmp_path):
         "data": "counterfact",
         "data.train_path": str(data_file),
         "data.eval_size": 8,
-        "keystats.num_workers": 0,
-        "keystats.cache_dir": str(tmp_path / "keystats"),
-        "keystats.max_tokens": 2000,
-        "locate.layers": "[1,2]",
-        "locate.v_steps": 5,
-        "train.out_dir": str(tmp_path),
-        "tracking.enabled": False,
+        **_locate_overrides(tmp_path),
     }
     summary = sequential.main([f"{k}={v}" for k, v in overrides.items()])
     metrics = summary["metrics"]
