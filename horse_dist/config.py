@@ -18,6 +18,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from horse_dist.editor.spread import SPREAD_MODES
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 PRESET_GROUPS = ("model", "data", "method")
@@ -254,7 +256,7 @@ CHOICES = {
     "data.packing": ("auto", "packed", "padded"),
     "data.answer_end": ("none", "eos"),
     "data.format": ("auto", "zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat"),
-    "method.spread": ("orthogonal", "reference", "none"),
+    "method.spread": SPREAD_MODES,
     "method.locality": ("ce", "kl"),
     "method.solve_form": ("auto", "primal", "dual"),
     "method.key_prior": ("none", "c0"),
