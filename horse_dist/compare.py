@@ -185,19 +185,23 @@ def pareto_figure(points: dict[str, dict[str, tuple[float, float]]], y: str, x: 
     return figure
 
 
+def state_points(
+    metrics: dict[str, float], y: str, x: str, prefix: str = ""
+) -> dict[str, tuple[float, float]]:
+    """(x, y) per model state of PARETO_ROWS found in `metrics` (keys `<prefix><row>/<metric>`)."""
+    keys = {row: (f"{prefix}{row}/{x}", f"{prefix}{row}/{y}") for row in PARETO_ROWS}
+    return {
+        row: (metrics[kx], metrics[ky]) for row, (kx, ky) in keys.items() if kx in metrics and ky in metrics
+    }
+
+
 def run_points(runs: list, y: str, x: str) -> dict[str, dict[str, tuple[float, float]]]:
     """Each run's (x, y) per model state, from its final `eval/<row>/<metric>` metrics."""
-    points = {}
-    for run in runs:
-        metrics = run.data.metrics
-        rows = {
-            row: (metrics[f"eval/{row}/{x}"], metrics[f"eval/{row}/{y}"])
-            for row in PARETO_ROWS
-            if f"eval/{row}/{x}" in metrics and f"eval/{row}/{y}" in metrics
-        }
-        if rows:
-            points[run.info.run_name or run.info.run_id[:8]] = rows
-    return points
+    points = {
+        run.info.run_name or run.info.run_id[:8]: state_points(run.data.metrics, y, x, "eval/")
+        for run in runs
+    }
+    return {label: rows for label, rows in points.items() if rows}
 
 
 def save_figure(figure: Any, path: str | Path) -> Path:

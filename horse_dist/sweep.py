@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from horse_dist.compare import PARETO_ROWS, pareto_figure
+from horse_dist.compare import pareto_figure, state_points
 from horse_dist.config import ConfigError, flatten, load_config_with_extras, print_config, split_cli
 
 log = logging.getLogger("horse_dist.sweep")
@@ -84,15 +84,8 @@ def method_points(
     rows: dict[str, dict[str, float]], y: str, x: str
 ) -> dict[str, dict[str, tuple[float, float]]]:
     """(x, y) per method and model state (unedited, untrained, edited) from the children's results."""
-    return {
-        method: {
-            row: (result[f"{row}/{x}"], result[f"{row}/{y}"])
-            for row in PARETO_ROWS
-            if f"{row}/{x}" in result and f"{row}/{y}" in result
-        }
-        for method, result in rows.items()
-        if any(f"{row}/{x}" in result for row in PARETO_ROWS)
-    }
+    points = {method: state_points(result, y, x) for method, result in rows.items()}
+    return {method: states for method, states in points.items() if states}
 
 
 def run_methods_sweep(config_file: str | None, overrides: list[str], methods: list[str]) -> dict[str, Any]:
