@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,10 +54,34 @@ class DataPools:
     eval: TokenizedRecords
 
 
+def data_files(spec: str) -> list[Path]:
+    """The files a data path names: comma-separated parts, each a file, a glob (its matches, sorted) or a hub
+    dataset name; relative paths as resolve_path reads them."""
+    files: list[Path] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        if any(char in part for char in "*?["):
+            pattern = os.path.expanduser(part)
+            # relative to the working directory, else to the repository (bundled data), as resolve_path
+            matches = sorted(glob.glob(pattern)) or sorted(glob.glob(os.path.join(REPO_ROOT, pattern)))
+            if not matches:
+                raise FileNotFoundError(f"{part}: no data file matches")
+            files.extend(map(Path, matches))
+        else:
+            files.append(resolve_path(part))
+    if not files:
+        raise ConfigError(f"data path {spec!r} names no file")
+    return files
+
+
 def _nonempty_records(path: str, data: DataConfig) -> list[EditRecord]:
-    records = load_records(
-        resolve_path(path), data.format, data.target, drop_empty_targets=data.drop_empty_targets
-    )
+    """The records of every file `path` names, in order (each file's format detected on its own)."""
+    records = [
+        record
+        for file in data_files(path)
+        for record in load_records(file, data.format, data.target, drop_empty_targets=data.drop_empty_targets)
+    ]
     if not records:
         raise DataFormatError(path, f"no edit records (target={data.target!r})")
     return records

@@ -43,6 +43,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     name: str = "zsre"
+    # a file (.json / .jsonl), a glob, a comma-separated list of them, or a hub dataset name[:split]
     train_path: str = "data/zsre/zsre_mend_eval_head.json"
     eval_path: str = "data/zsre/zsre_mend_eval_tail.json"  # empty: hold out eval_size records of train_path
     format: str = "auto"

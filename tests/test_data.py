@@ -527,3 +527,26 @@ def test_evaluation_alone_tokenises_no_training_records():
     both, evaluation = load_data(cfg, tokenizer), load_data(cfg, tokenizer, train=False)
     assert len(both.train.edit) == 24 and evaluation.train_records == [] and evaluation.train.edit == []
     assert evaluation.eval_records == both.eval_records and evaluation.eval.edit == both.eval.edit
+
+
+def test_data_paths_take_lists_and_globs(tmp_path, monkeypatch):
+    from horse_dist.build import _nonempty_records, data_files
+    from horse_dist.config import load_config
+
+    rows = json.loads(ZSRE_HEAD.read_text())
+    for name, part in (("a.json", rows[:5]), ("b.jsonl", rows[5:8])):
+        text = json.dumps(part) if name.endswith(".json") else "\n".join(map(json.dumps, part))
+        (tmp_path / name).write_text(text)
+    monkeypatch.chdir(tmp_path)
+    assert data_files("b.jsonl, a.json") == [Path("b.jsonl"), Path("a.json")]
+    assert data_files("*.json*") == [Path("a.json"), Path("b.jsonl")]  # matches sorted
+    data = load_config(None, []).data
+    listed = _nonempty_records("a.json,b.jsonl", data)
+    assert [r.prompt for r in listed] == [r.prompt for r in load_records(ZSRE_HEAD, limit=8)]
+    assert _nonempty_records(str(tmp_path / "*.json*"), data) == listed
+    assert [p.name for p in data_files("data/zsre/*.json")] == [  # bundled, from any working directory
+        "zsre_mend_eval_head.json",
+        "zsre_mend_eval_tail.json",
+    ]
+    with pytest.raises(FileNotFoundError, match=r"nope\*\.json: no data file matches"):
+        data_files("nope*.json")
