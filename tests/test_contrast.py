@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,14 +23,10 @@ from horse_dist.generation.contrast import (
 from horse_dist.tiny.models import TINY_RUN_OVERRIDES, build_tiny_model
 from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
 
-CF_RECORD = EditRecord(
-    prompt="The mother tongue of Danielle Darrieux is",
-    answer="English",
-    rephrase="Danielle Darrieux speaks the language of",
-    loc_prompt="Michel Rocard is a native speaker of",
-    loc_answer="French",
-    other_answer="French",
-)
+DATA = Path(__file__).resolve().parent.parent / "data"
+CF_RECORD = load_records(DATA / "counterfact/counterfact_head.json", limit=1)[
+    0
+]  # Darrieux: French -> English
 
 
 def test_contrast_scores_by_hand():
@@ -65,7 +62,7 @@ def test_answer_nll_equals_one_sequence_at_a_time_and_skips_the_stop():
 
 
 def test_counterfact_records_name_the_replaced_answer_both_ways():
-    path = "data/counterfact/counterfact_head.json"
+    path = DATA / "counterfact/counterfact_head.json"
     new = load_records(path, target="new", limit=3)
     true = load_records(path, target="true", limit=3)
     assert (new[0].answer, new[0].other_answer) == ("English", "French")
@@ -76,7 +73,7 @@ def test_counterfact_records_name_the_replaced_answer_both_ways():
         expected = tokenize_example(tokenizer, records[0].loc_prompt, "English")
         assert views.unrel_other[0] == expected
     assert (
-        tokenize_records(tokenizer, load_records("data/zsre/zsre_mend_eval_head.json", limit=3)).contrast
+        tokenize_records(tokenizer, load_records(DATA / "zsre/zsre_mend_eval_head.json", limit=3)).contrast
         is None
     )
 
