@@ -118,6 +118,9 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str = ""  # empty: <method>-<model>-<timestamp>
     resume: bool = False
+    # a restarted job (a RayJob retry) continues train.run_name when it holds a checkpoint, else starts it;
+    # plain resume=true refuses a run that does not exist
+    resume_if_exists: bool = False
     # resume refuses a config that changes the result (RESUME_FREE keys aside); true applies the change
     resume_override: bool = False
     # a step whose loss, gradient or solve is not finite is skipped (logged, counted); this many in a row

@@ -76,6 +76,7 @@ RESUME_FREE = {
     "train.checkpoint_every",
     "train.keep_checkpoints",
     "train.resume",
+    "train.resume_if_exists",
     "train.resume_override",
     "train.max_bad_steps",
     "train.out_dir",
@@ -390,6 +391,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     exit_on_sigterm()
     cli = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(cli.config_file, cli.overrides)
+    if cfg.train.resume_if_exists and not cfg.train.resume:
+        if not cfg.train.run_name:
+            raise ConfigError("train.resume_if_exists=true needs train.run_name (the run folder to continue)")
+        cfg.train.resume = has_checkpoint(run_folder(cfg))
     if cfg.train.resume:
         cfg = resumed_config(cfg, cli.overrides)
     if cli.show_config:

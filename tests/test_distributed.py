@@ -7,9 +7,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from doc_commands import free_port, stop
 
 from horse_dist.checkpoint import load_checkpoint
 from horse_dist.config import REPO_ROOT, load_config
@@ -397,12 +397,6 @@ def test_worker_killed_resumes_from_checkpoint(ray_cluster, ray_w2_zero0, tmp_pa
 # ---- ray job submit against a head started here --------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit(tmp_path, tiny_dir):
     """The README's launch path as a new user meets it: a fresh HOME with no Ray token anywhere."""
@@ -410,7 +404,7 @@ def test_ray_job_submit(tmp_path, tiny_dir):
     home.mkdir()
     env = dict(os.environ, HOME=str(home), RAY_NUM_CPUS="3")
     env.update(
-        RAY_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(_free_port()), RAY_CLIENT_PORT=str(_free_port())
+        RAY_PORT=str(free_port()), RAY_DASHBOARD_PORT=str(free_port()), RAY_CLIENT_PORT=str(free_port())
     )
     for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         env.pop(name, None)
@@ -427,7 +421,7 @@ def test_ray_job_submit(tmp_path, tiny_dir):
                 "--metrics-export-port",
                 "--runtime-env-agent-port",
             )
-            for arg in (flag, str(_free_port()))
+            for arg in (flag, str(free_port()))
         ],
         cwd=REPO_ROOT,
         env=env,
@@ -479,23 +473,29 @@ def test_ray_job_submit(tmp_path, tiny_dir):
         results = tmp_path / "runs" / f"job{attempt}" / "results.json"
         assert json.loads(results.read_text())["n_edits"] == 8
         assert len((home / ".ray" / "auth_token").read_text().strip()) >= 32  # start_head.sh made the token
+        _check_logs_and_stop_scripts(submit.stdout, env)
     finally:
-        _stop_session(head)
+        stop(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _stop_session(head: subprocess.Popen) -> None:
-    """End the head this test started: `ray start --block` cleans up its own processes on SIGTERM."""
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(head.pid, sig)  # its own session/process group, nothing else
-        except ProcessLookupError:
-            return
-        try:
-            head.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def _check_logs_and_stop_scripts(submit_output: str, env: dict) -> None:
+    """launch/logs.sh lists the job and prints its log; launch/stop.sh stops it by id and names its usage."""
+    submission = re.search(r"submission id: (\S+)", submit_output).group(1)
+
+    def script(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["bash", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+
+    listed = script("launch/logs.sh")
+    assert listed.returncode == 0 and submission in listed.stdout + listed.stderr, listed.stderr[-2000:]
+    log = script("launch/logs.sh", submission)
+    assert log.returncode == 0 and "edits per batch:" in log.stdout + log.stderr, log.stderr[-2000:]
+    stopped = script("launch/stop.sh", submission)  # a finished job: nothing to stop, said so
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    usage = script("launch/stop.sh")
+    assert usage.returncode == 2 and "usage: launch/stop.sh" in usage.stderr
 
 
 def _wait_for_dashboard(address: str, env: dict, head: subprocess.Popen, timeout: float = 90) -> None:

@@ -242,6 +242,18 @@ def test_resume_of_a_run_that_does_not_exist_is_refused(tiny_dir, data_file, tmp
     assert not (tmp_path / "never").exists()
 
 
+def test_resume_if_exists_starts_a_new_run_then_continues_it(tiny_dir, data_file, tmp_path, capsys):
+    """The k8s LLaMA configs' retry setting: the first attempt starts the run, a retry continues it."""
+    args = tiny_args(
+        tiny_dir, data_file, tmp_path, **{"train.run_name": "retry", "train.resume_if_exists": True}
+    )
+    code, _ = cli(train.main, [*args, "train.steps=1"], capsys)
+    assert code == 0 and load_run_checkpoint(tmp_path / "retry")["step"] == 1
+    code, err = cli(train.main, [*args, "train.steps=2"], capsys)
+    assert code == 0, err
+    assert load_run_checkpoint(tmp_path / "retry")["step"] == 2
+
+
 def test_orphaned_temporary_files_are_removed_on_resume(tiny_dir, data_file, tmp_path, capsys):
     args = tiny_args(tiny_dir, data_file, tmp_path, **{"train.run_name": "r", "train.steps": 1})
     train.main(args)

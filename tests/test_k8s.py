@@ -25,6 +25,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from doc_commands import bash_commands
 from referencing import Registry, Resource
 
 from horse_dist.config import ConfigError, load_config
@@ -351,13 +352,7 @@ def readme_text() -> str:
 
 def readme_commands() -> list[str]:
     """Shell lines inside the README's ```bash blocks, with backslash continuations joined."""
-    lines = []
-    for block in re.findall(r"```bash\n(.*?)```", readme_text(), flags=re.S):
-        block = re.sub(r"\\\n\s*", " ", block)
-        lines += [
-            line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")
-        ]
-    return lines
+    return bash_commands(README)
 
 
 def readme_secrets() -> dict[str, set[str]]:
@@ -714,7 +709,7 @@ def test_run_configs_load_with_offload_only_for_13b(monkeypatch):
     assert seven.data.n_edits == thirteen.data.n_edits == 8000
     assert smoke.model.source == "smollm2-135m"
     for cfg in (seven, thirteen):  # a RayJob retry resumes the same run folder
-        assert cfg.train.run_name and cfg.train.resume
+        assert cfg.train.run_name and cfg.train.resume_if_exists
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
