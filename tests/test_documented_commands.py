@@ -125,7 +125,6 @@ def user(tmp_path_factory):
     user = NewUser(
         root,
         {
-            "runs/<run>": "runs/ref1",
             "runs/<seq a>": "runs/seq-a",
             "runs/<seq b>": "runs/seq-b",
             "5000": str(port),
@@ -151,13 +150,23 @@ def user(tmp_path_factory):
     return user
 
 
+@pytest.fixture(scope="module")
+def horse_run(user) -> str:
+    """`runs/<run>` in the docs: a HORSE editor this user trained with the quick start's command."""
+    user.run("python -m horse_dist.train", [*user.small, "train.run_name=editor"])
+    user.substitutions["runs/<run>"] = "runs/editor"
+    return "editor"
+
+
 def _results(user: NewUser, run_name: str) -> dict:
     return json.loads((user.cwd / "runs" / run_name / "results.json").read_text())
 
 
 def test_the_using_it_block_runs_as_written(user):
+    runs = user.cwd / "runs"
+    before = set(runs.iterdir()) if runs.is_dir() else set()
     user.run("python -m horse_dist.train method=malmen data.n_edits=64 train.steps=20", user.small)
-    (malmen_run,) = [p.name for p in (user.cwd / "runs").iterdir()]
+    (malmen_run,) = [p.name for p in set(runs.iterdir()) - before]
     assert _results(user, malmen_run)["n_edits"] == 8
 
     user.run("python -m horse_dist.train method=horse_reference train.run_name=ref1", user.small)
@@ -186,7 +195,7 @@ def test_the_using_it_block_runs_as_written(user):
     assert metadata["n_edits"] == 2 and (user.cwd / "edited_model/config.json").is_file()
 
 
-def test_the_tracking_block_runs_as_written(user):
+def test_the_tracking_block_runs_as_written(user, horse_run):
     from mlflow.tracking import MlflowClient
 
     server = user.start("mlflow/start_server.sh 5000 ./mlflow_server")
@@ -216,9 +225,6 @@ def test_the_tracking_block_runs_as_written(user):
     sweep = user.run("python -m horse_dist.evaluate checkpoint=runs/<run> sweep=16,32,64")
     assert all(f"{n} edits per batch:" in sweep.stdout for n in (16, 32, 64))
     user.run("python -m horse_dist.sweep methods=horse,malmen,horse_reference", user.small)
-    # `runs/<run>` from here on: the sweep's horse run (the sequential horse stream needs a horse editor)
-    (horse_run,) = (user.cwd / "runs").glob("sweep-methods-*-horse")
-    user.substitutions["runs/<run>"] = f"runs/{horse_run.name}"
     compared = user.run("python -m horse_dist.compare -e zsre-smollm2-135m --plot compare.png")
     assert (user.cwd / "compare.png").stat().st_size > 1000
     assert all(method in compared.stdout for method in ("horse", "malmen", "horse_reference"))
@@ -241,7 +247,7 @@ def test_the_tracking_block_runs_as_written(user):
         stop(ui)
 
 
-def test_the_sequential_block_runs_as_written(user):
+def test_the_sequential_block_runs_as_written(user, horse_run):
     command = (
         "python -m horse_dist.sequential --config configs/sequential.yaml sequential.method=horse "
         "sequential.checkpoint=runs/<run>"

@@ -360,21 +360,28 @@ def test_string_keys_take_yaml_words_verbatim():
     assert load_config(None, ["data.target=true", "tracking.experiment=123"]).data.target == "true"
 
 
-def test_overlong_records_are_dropped_with_a_count(tiny_dir, data_file, tmp_path, caplog):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_overlong_records_are_dropped_with_a_count(arch, data_file, tmp_path, caplog, capsys):
+    """Llama trained silently past its positions; GPT-2 died with an IndexError in its position embedding."""
     from horse_dist.build import build_engine, load_data, model_positions
     from horse_dist.config import load_config
+    from horse_dist.tiny.models import save_tiny_model
 
+    model_dir = save_tiny_model(tmp_path / arch, arch, seed=0)
+    cfg = load_config(None, tiny_args(model_dir, data_file, tmp_path))
+    engine, tokenizer = build_engine(cfg)
+    positions = model_positions(engine.model)
     records = json.loads(data_file.read_text())
-    records[3]["src"] = "word " * 400  # longer than the tiny model's 256 positions
+    records[3]["src"] = "word " * (2 * positions)
     records.append(dict(records[0]))  # a duplicate
     long_file = write(tmp_path / "long.json", json.dumps(records))
-    cfg = load_config(None, tiny_args(tiny_dir, long_file, tmp_path))
-    engine, tokenizer = build_engine(cfg)
-    assert model_positions(engine.model) == 256
-    pools = load_data(cfg, tokenizer, model_positions(engine.model))
+    cfg = load_config(None, tiny_args(model_dir, long_file, tmp_path))
+    pools = load_data(cfg, tokenizer, positions)
     assert len(pools.train_records) == len(records) - 1
-    assert "dropped 1 record(s) longer than the model's 256 positions: indices [3]" in caplog.text
+    assert f"dropped 1 record(s) longer than the model's {positions} positions: indices [3]" in caplog.text
     assert "1 record(s) repeat an earlier (prompt, answer); kept" in caplog.text
+    code, err = cli(train.main, tiny_args(model_dir, long_file, tmp_path, **{"train.steps": 1}), capsys)
+    assert code == 0, err
 
 
 ENTRY_POINTS = ["train", "evaluate", "edit", "sweep", "sequential", "bench", "keystats.__main__", "bench_ab"]
