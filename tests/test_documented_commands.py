@@ -20,9 +20,8 @@ from doc_commands import REPO_ROOT, NewUser, bash_commands, free_port, stop, wai
 
 from horse_dist.cli import run_cli
 
-pytestmark = pytest.mark.xdist_group(
-    "documented"
-)  # one worker runs them in order: later tests use earlier runs
+# one worker runs them: they share the user's folder, ports and MLflow store (each trains what it uses)
+pytestmark = pytest.mark.xdist_group("documented")
 
 DOCUMENTS = ("README.md", "mlflow/README.md", "k8s/README.md")
 HEAD_FILE = REPO_ROOT / "data/zsre/zsre_mend_eval_head.json"
