@@ -371,6 +371,7 @@ def test_overlong_records_are_dropped_with_a_count(arch, data_file, tmp_path, ca
     cfg = load_config(None, tiny_args(model_dir, data_file, tmp_path))
     engine, tokenizer = build_engine(cfg)
     positions = model_positions(engine.model)
+    assert positions == 256  # both tiny families
     records = json.loads(data_file.read_text())
     records[3]["src"] = "word " * (2 * positions)
     records.append(dict(records[0]))  # a duplicate
