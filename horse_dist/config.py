@@ -88,9 +88,12 @@ class MethodConfig:
     eta_init_mode: str = "constant"
     log_lambda_init: float = 0.0
     solve_form: str = "auto"  # auto | primal | dual
-    # none: ridge e^λ I (MALMEN/HORSE); c0: ridge e^λ C0, C0 = E[k kᵀ] of the edited layers' keys over the
-    # prompts of prior_records training records (editor/prior.py), damped by prior_damping x its mean eigenvalue
+    # none: ridge e^λ I (MALMEN/HORSE); c0: ridge e^λ C0, C0 = E[k kᵀ] of the edited layers' keys over
+    # prior_records training records (editor/prior.py), damped by prior_damping x its mean eigenvalue.
+    # prior_keys: which keys: every token of their edit, rephrase and unrelated prompts (prompt_tokens), or
+    # the answer positions of their unrelated view, teacher-forced (unrelated_answers)
     key_prior: str = "none"
+    prior_keys: str = "prompt_tokens"
     prior_records: int = 512
     prior_damping: float = 1e-3
     solve_dtype: str = "float32"  # float32 | float64
@@ -264,6 +267,7 @@ CHOICES = {
     "method.locality": ("ce", "kl"),
     "method.solve_form": ("auto", "primal", "dual"),
     "method.key_prior": ("none", "c0"),
+    "method.prior_keys": ("prompt_tokens", "unrelated_answers"),
     "method.eta_init_mode": ("constant", "key_energy"),
     "method.solve_dtype": ("float32", "float64"),
     "dist.backend": ("local", "ray"),

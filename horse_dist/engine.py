@@ -21,7 +21,7 @@ from horse_dist.dist.cache_store import spill_over_budget
 from horse_dist.dist.world import LocalWorld
 from horse_dist.editor.losses import per_example_ce
 from horse_dist.editor.prior import layer_shift, prior_whitening, whiten_keys, whitened_shift_grad
-from horse_dist.keystats.accumulate import accumulate_texts
+from horse_dist.keystats.accumulate import KeyStats, accumulate_passes, accumulate_texts
 from horse_dist.lm.answer_tail import last_block_tail_logits, tail_answer_logits
 from horse_dist.lm.block_cache import BlockInputCache, once_per_batch
 from horse_dist.lm.fast_forward import (
@@ -171,18 +171,29 @@ class EditEngine:
             cache.keys = [whiten_keys(k, self.bank.whitening(i)) for i, k in enumerate(cache.keys)]
         return spill_over_budget(cache, self.cfg.dist.cache_budget_gb)  # unchanged within the budget
 
-    @torch.no_grad()
-    def fit_key_prior(self, texts: list[str], tokenizer) -> None:
-        """Set W_l of the key prior from E[k kᵀ] of the edited layers' inputs over `texts` (every token)."""
-        stats = accumulate_texts(
+    def prompt_key_stats(self, texts: list[str], tokenizer) -> dict[str, KeyStats]:
+        """Σ k kᵀ of the edited layers' inputs at every token of `texts` (method.prior_keys=prompt_tokens)."""
+        return accumulate_texts(
             self.model, tokenizer, self.module_names, texts, max_length=128, batch_size=32, stop_early=True
         )
+
+    def answer_key_stats(self, examples: list[TokenizedExample]) -> dict[str, KeyStats]:
+        """Σ k kᵀ of the edited layers' inputs at the answer positions of `examples`, teacher-forced: the keys
+        an unrelated answer is generated from (method.prior_keys=unrelated_answers)."""
+        passes = (
+            (model_inputs(self.model, batch), batch.answer_positions()[0])
+            for batch in self.micro_batches(examples)
+        )
+        return accumulate_passes(self.model, self.module_names, passes)
+
+    def fit_key_prior(self, stats: dict[str, KeyStats]) -> None:
+        """Set W_l of the key prior from the edited layers' key moments (editor/prior.py)."""
         for layer, name in enumerate(self.module_names):
             moment = stats[name]
             self.bank.whitening(layer).copy_(
                 prior_whitening(moment.second_moment, moment.count, self.cfg.method.prior_damping)
             )
-        log.info("key prior C0 from %d texts (%d tokens)", len(texts), stats[self.module_names[0]].count)
+        log.info("key prior C0 from %d keys per layer", stats[self.module_names[0]].count)
 
     def block_cache_sources(self, batches: EditBatches) -> dict[str, HiddenStates | None]:
         """Per prompt kind, the block-input cache's states entering the lowest edited block (for training

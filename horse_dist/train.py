@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from horse_dist.build import build_engine, load_data, model_positions, resolve_path
+from horse_dist.build import DataPools, build_engine, load_data, model_positions, resolve_path
 from horse_dist.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointStore,
@@ -46,8 +46,9 @@ from horse_dist.config import (
 )
 from horse_dist.data import meta_batch_indices, records_fingerprint, shard_slice
 from horse_dist.dist.world import LocalWorld
-from horse_dist.engine import DivergedError
+from horse_dist.engine import DivergedError, EditEngine
 from horse_dist.evaluate import evaluate_pool, format_table, full_evaluation, live_eval_for
+from horse_dist.keystats.accumulate import KeyStats
 from horse_dist.signals import exit_on_sigterm
 from horse_dist.tracking import (
     Tracker,
@@ -84,7 +85,8 @@ RESUME_FREE = {
     "train.block_cache_gb",
     "model.device",
 }
-# Keys that fix the hypernetwork's shapes: no override can resume across them.
+# Keys that fix the hypernetwork's shapes or its key prior (fitted once, at step 0): no override can resume
+# across them.
 RESUME_FIXED = {
     "model.source",
     "model.edit_modules",
@@ -95,6 +97,9 @@ RESUME_FIXED = {
     "method.spread",
     "method.learn_lambda",
     "method.key_prior",
+    "method.prior_keys",
+    "method.prior_records",
+    "method.prior_damping",
 }
 
 
@@ -212,10 +217,15 @@ def gather_worker_metrics(values: dict[str, float], world: LocalWorld) -> dict[s
     return {f"{k}/w{r}": float(table[r, i]) for r in range(world.size) for i, k in enumerate(keys)}
 
 
-def prior_texts(records: list, n_records: int) -> list[str]:
-    """The key prior's texts: the edit, rephrase and unrelated prompts of the first `n_records` training
-    records (never the evaluation pool)."""
-    return [text for r in records[:n_records] for text in (r.prompt, r.rephrase, r.loc_prompt)]
+def key_prior_stats(engine: EditEngine, cfg: RunConfig, pools: DataPools, tokenizer) -> dict[str, KeyStats]:
+    """The key prior's moments over the first method.prior_records training records (never the evaluation
+    pool): every token of their edit, rephrase and unrelated prompts, or their unrelated answers' keys."""
+    n_records = cfg.method.prior_records
+    if cfg.method.prior_keys == "unrelated_answers":
+        return engine.answer_key_stats(pools.train.unrel[:n_records])
+    records = pools.train_records[:n_records]
+    texts = [text for r in records for text in (r.prompt, r.rephrase, r.loc_prompt)]
+    return engine.prompt_key_stats(texts, tokenizer)
 
 
 def train_worker(
@@ -239,7 +249,7 @@ def train_worker(
         log.info("resumed at step %d", start_step)
 
     if engine.bank.has_prior and state is None:
-        engine.fit_key_prior(prior_texts(pools.train_records, cfg.method.prior_records), tokenizer)
+        engine.fit_key_prior(key_prior_stats(engine, cfg, pools, tokenizer))
     n_pool = len(pools.train.edit)
     step_times: list[float] = []
     phase_times: dict[str, list[float]] = {}

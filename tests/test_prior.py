@@ -7,8 +7,12 @@ import pytest
 import torch
 
 from horse_dist import evaluate, train
+from horse_dist.build import build_engine, load_data
 from horse_dist.checkpoint import load_checkpoint
+from horse_dist.config import ConfigError, load_config
+from horse_dist.data import IGNORE_INDEX
 from horse_dist.editor.prior import layer_shift, prior_whitening, whiten_keys, whitened_shift_grad
+from horse_dist.tiny.models import TINY_RUN_OVERRIDES
 
 N, D_IN, D_OUT = 7, 5, 3
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
@@ -54,7 +58,47 @@ def test_prior_whitening_rejects_no_keys():
         prior_whitening(torch.eye(D_IN), 0, 1e-3)
 
 
-def test_a_key_prior_run_trains_saves_and_evaluates_the_same(tiny_dir, tmp_path):
+def test_unrelated_answer_moments_are_the_keys_at_their_answer_positions():
+    cfg = load_config(
+        None, [*TINY_RUN_OVERRIDES, "method.key_prior=c0", "method.prior_keys=unrelated_answers"]
+    )
+    torch.manual_seed(0)
+    engine, tokenizer = build_engine(cfg)
+    examples = load_data(cfg, tokenizer).train.unrel[:6]
+    stats = engine.answer_key_stats(examples)  # the engine's micro-batches (packed rows where enabled)
+
+    # by hand: one unpadded sequence at a time, the modules' inputs where the label is an answer token
+    expected = {name: torch.zeros_like(stats[name].second_moment) for name in engine.module_names}
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        engine.model.get_submodule(name).register_forward_pre_hook(
+            lambda _m, inputs, name=name: seen.__setitem__(name, inputs[0][0].double())
+        )
+        for name in engine.module_names
+    ]
+    n_answers = 0
+    with torch.no_grad():
+        for example in examples:
+            engine.model(input_ids=torch.tensor([example.input_ids]))
+            answer_T = torch.tensor(example.labels) != IGNORE_INDEX
+            n_answers += int(answer_T.sum())
+            for name in engine.module_names:
+                keys_NI = seen[name][answer_T]
+                expected[name] += keys_NI.T @ keys_NI
+    for handle in handles:
+        handle.remove()
+    for name in engine.module_names:
+        assert stats[name].count == n_answers
+        torch.testing.assert_close(stats[name].second_moment, expected[name], rtol=1e-4, atol=1e-4)
+
+
+def test_prior_keys_names_its_choices():
+    with pytest.raises(ConfigError, match=r"method.prior_keys='answers' is not one of \['prompt_tokens', "):
+        load_config(None, ["method.prior_keys=answers"])
+
+
+@pytest.mark.parametrize("prior_keys", ["prompt_tokens", "unrelated_answers"])
+def test_a_key_prior_run_trains_saves_and_evaluates_the_same(tiny_dir, tmp_path, prior_keys):
     data = tmp_path / "zsre32.json"
     data.write_text(json.dumps(json.loads(HEAD_FILE.read_text())[:32]))
     args = [
@@ -64,6 +108,7 @@ def test_a_key_prior_run_trains_saves_and_evaluates_the_same(tiny_dir, tmp_path)
         "method.chunk_rows=16",
         "method.key_prior=c0",
         "method.prior_records=16",
+        f"method.prior_keys={prior_keys}",
         "data.n_edits=8",
         "data.batch_size=4",
         f"data.train_path={data}",

@@ -7,7 +7,7 @@ Legend: B texts, T tokens, N non-pad tokens, I = d_in.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -108,6 +108,55 @@ def key_capture(
             handle.remove()
 
 
+def accumulate_passes(
+    model: nn.Module,
+    module_names: Sequence[str],
+    passes: Iterable[tuple[dict[str, Tensor], Tensor]],
+    *,
+    dtype: torch.dtype = torch.float64,
+    stop_early: bool = True,
+) -> dict[str, KeyStats]:
+    """Per module, Σ k kᵀ, Σ k and the row count over the tokens each pass masks: `passes` yields the decoder
+    stack's keyword arguments and the (B, T) bool mask of the tokens to add."""
+    stats = empty_stats(model, module_names, dtype)
+    body = getattr(model, "base_model", model)  # the decoder stack: the LM head is never needed
+    with torch.inference_mode(), key_capture(model, module_names, stats, stop_early) as capture:
+        for inputs, mask_BT in passes:
+            capture.start_pass(mask_BT)
+            try:
+                body(**inputs)
+            except _StopForward:
+                pass
+    return {name: KeyStats(s.second_moment.cpu(), s.key_sum.cpu(), s.count) for name, s in stats.items()}
+
+
+def text_passes(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int,
+) -> Iterator[tuple[dict[str, Tensor], Tensor]]:
+    """Fixed batches of `batch_size` consecutive texts (truncated to max_length), masked at their non-pad
+    tokens."""
+    device = next(model.parameters()).device
+    for begin in range(0, len(texts), batch_size):
+        batch = tokenizer(
+            list(texts[begin : begin + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        mask_BT = batch["attention_mask"].to(device).bool()
+        inputs = {
+            "input_ids": batch["input_ids"].to(device),
+            "attention_mask": mask_BT.long(),
+            "use_cache": False,
+        }
+        yield inputs, mask_BT
+
+
 def accumulate_texts(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -123,25 +172,8 @@ def accumulate_texts(
     in fixed batches of `batch_size` consecutive texts (so the result depends only on the texts)."""
     if batch_size <= 0 or max_length <= 0:
         raise ValueError(f"batch_size and max_length must be positive, got {batch_size}, {max_length}")
-    stats = empty_stats(model, module_names, dtype)
-    body = getattr(model, "base_model", model)  # the decoder stack: the LM head is never needed
-    device = next(model.parameters()).device
-    with torch.inference_mode(), key_capture(model, module_names, stats, stop_early) as capture:
-        for begin in range(0, len(texts), batch_size):
-            batch = tokenizer(
-                list(texts[begin : begin + batch_size]),
-                padding=True,
-                truncation=True,
-                max_length=max_length,
-                return_tensors="pt",
-            )
-            mask_BT = batch["attention_mask"].to(device).bool()
-            capture.start_pass(mask_BT)
-            try:
-                body(input_ids=batch["input_ids"].to(device), attention_mask=mask_BT.long(), use_cache=False)
-            except _StopForward:
-                pass
-    return {name: KeyStats(s.second_moment.cpu(), s.key_sum.cpu(), s.count) for name, s in stats.items()}
+    passes = text_passes(model, tokenizer, texts, max_length, batch_size)
+    return accumulate_passes(model, module_names, passes, dtype=dtype, stop_early=stop_early)
 
 
 def token_counts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> list[int]:
