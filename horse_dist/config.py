@@ -116,6 +116,11 @@ class TrainConfig:
     eval_new_tokens: int = 12
     eval_loc_tokens: int = 8
     eval_untrained: bool = True  # the final evaluation also scores the editor before meta-training
+    # model selection (horse_dist/selection.py): hold val_size training records out as a validation split,
+    # score the editor on val_batches x eval_n_edits of them every eval_every steps and report (and save as
+    # <run>/best.pt) the best; 0: no split, the last step's editor is reported
+    val_size: int = 0
+    val_batches: int = 1
     checkpoint_every: int = 10
     keep_checkpoints: int = 2  # the newest this many checkpoints stay in <run>/checkpoints/
     out_dir: str = "runs"
@@ -456,14 +461,20 @@ def validate(cfg: RunConfig) -> None:
         "train.steps": cfg.train.steps,
         "train.checkpoint_every": cfg.train.checkpoint_every,
         "train.eval_every": cfg.train.eval_every,
+        "train.val_size": cfg.train.val_size,
         "data.max_train_records": cfg.data.max_train_records,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.train.val_size and not cfg.train.eval_every:
+        raise ConfigError(
+            "train.val_size > 0 selects the best of the editors scored every train.eval_every steps: set train.eval_every > 0"
+        )
     for key, value in {
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.max_bad_steps": cfg.train.max_bad_steps,
+        "train.val_batches": cfg.train.val_batches,
     }.items():
         if value < 1:
             raise ConfigError(f"{key} must be >= 1, got {value}")

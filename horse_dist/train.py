@@ -27,7 +27,9 @@ from horse_dist.checkpoint import (
     LocalCheckpointStore,
     RunFolderError,
     RunFolderLock,
+    atomic_torch_save,
     atomic_write_text,
+    check_finite,
     checkpoint_state,
     has_checkpoint,
     load_run_checkpoint,
@@ -44,11 +46,12 @@ from horse_dist.config import (
     split_cli,
     to_yaml,
 )
-from horse_dist.data import meta_batch_indices, records_fingerprint, shard_slice
+from horse_dist.data import TokenizedRecords, meta_batch_indices, records_fingerprint, shard_slice
 from horse_dist.dist.world import LocalWorld
 from horse_dist.engine import DivergedError, EditEngine
 from horse_dist.evaluate import evaluate_pool, format_table, full_evaluation, live_eval_for
 from horse_dist.keystats.accumulate import KeyStats
+from horse_dist.selection import BEST_NAME, ModelSelection, hold_out_validation, validation_score
 from horse_dist.signals import exit_on_sigterm
 from horse_dist.tracking import (
     Tracker,
@@ -228,6 +231,53 @@ def key_prior_stats(engine: EditEngine, cfg: RunConfig, pools: DataPools, tokeni
     return engine.prompt_key_stats(texts, tokenizer)
 
 
+def validate_and_select(
+    cfg: RunConfig,
+    engine: EditEngine,
+    val_pool: TokenizedRecords,
+    tokenizer,
+    selection: ModelSelection,
+    step: int,
+    tracker: Tracker,
+    rank0: bool,
+    run_dir: Path,
+) -> None:
+    """Score the editor on the validation split; a new best is kept (and written to <run>/best.pt)."""
+    result = evaluate_pool(
+        engine,
+        val_pool,
+        cfg.train.eval_n_edits,
+        cfg.train.val_batches,
+        cfg.train.seed,
+        rank0,
+        live_eval_for(cfg, tokenizer),
+    )
+    result["score"] = validation_score(result)
+    improved = selection.offer(result["score"], step, engine.bank)
+    if not rank0:
+        return
+    tracker.log_metrics({f"val/{k}": v for k, v in result.items()}, step)
+    log.info(
+        "validation at step %d: score %.4f%s\n%s",
+        step,
+        result["score"],
+        " (best)" if improved else "",
+        format_table(result),
+    )
+    if improved:
+        best = checkpoint_state(
+            hypernet=engine.bank,
+            optimizer=None,
+            step=step,
+            config_yaml=to_yaml(cfg),
+            edit_modules=engine.module_names,
+        )
+        check_finite(best, run_dir / BEST_NAME)
+        atomic_torch_save(
+            {**best, "metrics": {f"val/{k}": v for k, v in result.items()}}, run_dir / BEST_NAME
+        )
+
+
 def train_worker(
     cfg: RunConfig, run_dir: Path, world: LocalWorld, tracker: Tracker, store: CheckpointStore
 ) -> dict[str, float]:
@@ -235,6 +285,11 @@ def train_worker(
     rank0 = world.rank == 0
     engine, tokenizer = build_engine(cfg, world)
     pools = load_data(cfg, tokenizer, model_positions(engine.model))
+    selection, val_pool = None, None
+    if cfg.train.val_size:
+        pools, val_pool = hold_out_validation(pools, cfg.train.val_size, cfg.train.seed)
+        selection = ModelSelection()
+        log.info("model selection on %d validation records held out of training", cfg.train.val_size)
     optimizer = engine.make_optimizer()
     start_step = 0
     state = store.load_latest() if cfg.train.resume else None
@@ -242,6 +297,8 @@ def train_worker(
     if state is not None:
         check_resumed_data(state.get("data_fingerprint", ""), fingerprint, cfg, run_dir)
         engine.bank.load_state_dict(state["hypernet"])
+        if selection is not None and state.get("selection"):
+            selection.load_state_dict(state["selection"])
         optimizer.load_state_dict(state["optimizer"])
         set_learning_rates(optimizer, cfg)
         set_rng_state(state["rng"])
@@ -317,7 +374,11 @@ def train_worker(
                 " ".join(f"{k[5:]}={v:.2f}" for k, v in metrics.items() if k.startswith("time/")),
             )
         last = step + 1 == cfg.train.steps
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
+        if selection is not None and ((step + 1) % cfg.train.eval_every == 0 or last):
+            validate_and_select(
+                cfg, engine, val_pool, tokenizer, selection, step + 1, tracker, rank0, run_dir
+            )
+        elif cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and not last:
             result = evaluate_pool(
                 engine,
                 pools.eval,
@@ -329,7 +390,7 @@ def train_worker(
             )
             if rank0:
                 tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, step + 1)
-                log.info("validation at step %d\n%s", step + 1, format_table(result))
+                log.info("evaluation pool at step %d\n%s", step + 1, format_table(result))
         if (cfg.train.checkpoint_every and (step + 1) % cfg.train.checkpoint_every == 0) or last:
             state = checkpoint_state(
                 hypernet=engine.bank,
@@ -339,22 +400,28 @@ def train_worker(
                 edit_modules=engine.module_names,
                 data_fingerprint=fingerprint,
             )
+            if selection is not None:
+                state["selection"] = selection.state_dict()
             store.save(state, metrics)
 
+    if selection is not None and selection.hypernet is not None:
+        selection.restore_best(engine.bank)
+        log.info("reporting the editor of step %d (validation score %.4f)", selection.step, selection.score)
     result = full_evaluation(cfg, engine, pools.eval, tokenizer, cfg.train.eval_n_edits, rank0)
     if step_times:
         result["median_step_seconds"] = statistics.median(step_times)
         result.update({f"median_{k}": statistics.median(v) for k, v in phase_times.items()})
+    if selection is not None and selection.hypernet is not None:
+        result["selected_step"], result["val_score"] = float(selection.step), selection.score
     result["peak_rss_gb"] = peak_rss_gb()
     result.update(gather_worker_metrics({"peak_rss_gb": result["peak_rss_gb"]}, world))
     if rank0:
         tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, cfg.train.steps)
         atomic_write_text(json.dumps(result, indent=2), run_dir / "results.json")
         tracker.log_artifact(run_dir / "results.json")
-        if cfg.tracking.register_model and (run_dir / CHECKPOINT_NAME).exists():
-            tracker.register_model(
-                run_dir / CHECKPOINT_NAME, registered_model_name(cfg.model.source, cfg.method.name)
-            )
+        reported = run_dir / (BEST_NAME if selection is not None else CHECKPOINT_NAME)  # the editor scored
+        if cfg.tracking.register_model and reported.exists():
+            tracker.register_model(reported, registered_model_name(cfg.model.source, cfg.method.name))
         print(f"\n{cfg.method.name} on {cfg.model.source}, {result['n_edits']:.0f} edits per batch:")  # noqa: T201
         print(format_table(result))  # noqa: T201
         if step_times:
@@ -364,6 +431,9 @@ def train_worker(
                 if k.startswith("median_time/") and "/w" not in k[12:]
             )
             print(f"median meta-step {result['median_step_seconds']:.2f}s: {phases}")  # noqa: T201
+        if selection is not None:
+            chosen = f"editor of step {selection.step} (best validation score {selection.score:.4f})"
+            print(f"{chosen}: {reported}")  # noqa: T201
         print(f"run folder: {run_dir}")  # noqa: T201
     return result
 
