@@ -20,6 +20,7 @@ from horse_dist.config import ConfigError, RunConfig
 from horse_dist.data import EditRecord, tokenize_examples
 from horse_dist.dist.world import LocalWorld
 from horse_dist.editor.memory import RidgeMemory, remembered_step
+from horse_dist.editor.prior import layer_shift
 from horse_dist.engine import EditBatches, EditEngine
 from horse_dist.lm.export import apply_shifts_
 from horse_dist.lm.registry import module_shape
@@ -51,10 +52,6 @@ class HyperNetEditor:
         self.module_names = list(engine.module_names)
         self.memories: list[RidgeMemory] | None = None
         if ridge_memory:
-            if engine.bank.has_prior:  # its shifts are W S' in whitened key space, not this solve's S
-                raise ConfigError(
-                    "sequential.ridge_memory needs a hypernetwork trained with method.key_prior=none"
-                )
             modules = [engine.model.get_submodule(n) for n in self.module_names]
             self.memories = [RidgeMemory.empty(*module_shape(m), device=engine.device) for m in modules]
             self.unedited = [m.weight.detach().clone() for m in modules]
@@ -69,9 +66,10 @@ class HyperNetEditor:
         with self._reading_unedited():
             cache = self.engine.cache(EditBatches(batches, [], [], len(records)))
         cached = time.perf_counter()
-        shifts = self.engine.predict(cache, learn_statistics=False).shifts
-        if self.memories is not None:
-            shifts = self._remembered(cache.keys, shifts)
+        prediction = self.engine.predict(cache, learn_statistics=False)
+        shifts = prediction.shifts
+        if self.memories is not None:  # with a key prior the memory solves in whitened key space (cache.keys)
+            shifts = self._remembered(cache.keys, prediction.solved or prediction.shifts)
         predicted = time.perf_counter()
         apply_shifts_(self.engine.model, dict(zip(self.module_names, shifts)))
         merged = time.perf_counter()
@@ -107,7 +105,10 @@ class HyperNetEditor:
             self.memories[layer], increment_IO = remembered_step(
                 self.memories[layer], keys_NI, shift_IO, ridge
             )
-            increments.append(increment_IO)
+            whitening_II = self.engine.bank.whitening(layer)
+            increments.append(
+                increment_IO if whitening_II is None else layer_shift(increment_IO, whitening_II)
+            )
         return increments
 
 

@@ -404,14 +404,16 @@ def train_worker(
                 state["selection"] = selection.state_dict()
             store.save(state, metrics)
 
-    if selection is not None and selection.hypernet is not None:
+    if selection is not None and selection.hypernet is None:
+        selection = None  # no validation ran (train.steps=0): the editor as it stands is reported
+    if selection is not None:
         selection.restore_best(engine.bank)
         log.info("reporting the editor of step %d (validation score %.4f)", selection.step, selection.score)
     result = full_evaluation(cfg, engine, pools.eval, tokenizer, cfg.train.eval_n_edits, rank0)
     if step_times:
         result["median_step_seconds"] = statistics.median(step_times)
         result.update({f"median_{k}": statistics.median(v) for k, v in phase_times.items()})
-    if selection is not None and selection.hypernet is not None:
+    if selection is not None:
         result["selected_step"], result["val_score"] = float(selection.step), selection.score
     result["peak_rss_gb"] = peak_rss_gb()
     result.update(gather_worker_metrics({"peak_rss_gb": result["peak_rss_gb"]}, world))

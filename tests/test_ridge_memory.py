@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from horse_dist.editor.memory import RidgeMemory, remembered_step
+from horse_dist.editor.prior import layer_shift, prior_whitening, whiten_keys
 from horse_dist.editor.solve import PrimalRidge, ridge_shift_reference
 
 D_IN, D_OUT = 12, 5
@@ -42,6 +43,29 @@ def test_a_stream_with_memory_applies_the_solve_of_all_its_edits_at_once():
     torch.testing.assert_close(applied_IO, at_once_IO, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(memory.total_IO, at_once_IO, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(memory.gram_II, all_keys.T @ all_keys, rtol=1e-12, atol=1e-12)
+
+
+def test_with_a_key_prior_the_memory_in_whitened_space_applies_the_c0_solve_of_all_edits():
+    # editors.py: the memory takes whitened keys K W and the solve's own S' and applies W x its increment
+    gen = torch.Generator().manual_seed(5)
+    prior_keys_MI = torch.randn(300, D_IN, generator=gen, dtype=torch.float64) @ torch.randn(
+        D_IN, D_IN, generator=gen, dtype=torch.float64
+    )
+    damping = 1e-2
+    w_II = prior_whitening(prior_keys_MI.T @ prior_keys_MI, 300, damping).double()
+    c0_II = prior_keys_MI.T @ prior_keys_MI / 300
+    c0_II = c0_II + damping * c0_II.trace() / D_IN * torch.eye(D_IN, dtype=torch.float64)
+    steps = _stream(3, rows=4, seed=4)
+    memory, applied_IO = RidgeMemory.empty(D_IN, D_OUT), torch.zeros(D_IN, D_OUT, dtype=torch.float64)
+    for keys_NI, wanted_NO in steps:
+        white_NI = whiten_keys(keys_NI, w_II)
+        own_IO = ridge_shift_reference(white_NI, wanted_NO, LOG_LAMBDA)  # S' of the whitened solve
+        memory, increment_IO = remembered_step(memory, white_NI, own_IO, RIDGE)
+        applied_IO = applied_IO + layer_shift(increment_IO, w_II)
+    all_keys = torch.cat([k for k, _ in steps])
+    all_wanted = torch.cat([y for _, y in steps])
+    c0_solve_IO = torch.linalg.solve(all_keys.T @ all_keys + RIDGE * c0_II, all_keys.T @ all_wanted)
+    torch.testing.assert_close(applied_IO, c0_solve_IO, rtol=1e-6, atol=1e-6)
 
 
 def test_memory_keeps_earlier_edits_that_independent_steps_overwrite():

@@ -305,6 +305,51 @@ def test_hypernet_stream_equals_editing_one_step_at_a_time_by_hand(
         )
 
 
+def test_a_key_prior_editor_streams_with_its_memory_in_whitened_space(tiny_dir, data_file, tmp_path):
+    from horse_dist.editors import build_editor
+    from horse_dist.lm.load import load_frozen_lm
+
+    prior_overrides = {
+        "model.source": str(tiny_dir),
+        "model.n_edit_layers": 2,
+        "method.rank": 16,
+        "method.chunk_rows": 16,
+        "method.eta_init": 1e-2,
+        "method.key_prior": "c0",
+        "method.prior_keys": "unrelated_answers",
+        **_data_overrides(data_file),
+        "train.steps": 1,
+        "train.eval_n_edits": 8,
+        "train.eval_batches": 1,
+        "train.eval_live": False,
+        "train.out_dir": str(tmp_path),
+        "train.run_name": "prior",
+        "tracking.enabled": False,
+    }
+    train.main([f"{k}={v}" for k, v in prior_overrides.items()])
+    weights = {}
+    for memory in (True, False):
+        overrides = _seq_overrides(
+            tmp_path / "prior", data_file, tmp_path, **{"sequential.ridge_memory": memory}
+        )
+        cfg, state = sequential.prepare_config(None, overrides)
+        model, tokenizer = load_frozen_lm(cfg.model.source)
+        editor = build_editor(cfg, model, tokenizer, state)
+        records, _ = sequential.stream_pool(cfg, tokenizer)
+        editor.edit(records[:2])
+        first = {n: model.get_submodule(n).weight.detach().clone() for n in editor.module_names}
+        editor.edit(records[2:4])
+        weights[memory] = (
+            first,
+            {n: model.get_submodule(n).weight.detach().clone() for n in editor.module_names},
+        )
+    for name in weights[True][0]:
+        # one step: the memory's solve is the step's own (T_1 = S_1), mapped back to raw keys alike
+        torch.testing.assert_close(weights[True][0][name], weights[False][0][name], rtol=1e-5, atol=1e-6)
+        # a second step: the memory re-solves all four edits, unlike a plain second shift
+        assert not torch.allclose(weights[True][1][name], weights[False][1][name], rtol=1e-4, atol=1e-6)
+
+
 def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path):
     from mlflow.tracking import MlflowClient
 
