@@ -1,8 +1,10 @@
 """Train several methods on the same model and data as one MLflow parent run with a nested run per method.
 
     python -m horse_dist.sweep methods=horse,malmen,horse_reference [--config FILE] [key=value ...]
+    python -m horse_dist.sweep methods=horse,malmen knob=method.eta_init:3,6,9 [key=value ...]
 
-Each child is a full `python -m horse_dist.train` run (local or `dist.backend=ray`) with `method=<name>` and
+Each child is a full `python -m horse_dist.train` run (local or `dist.backend=ray`) with `method=<name>`
+(and with `knob`, one child per method and value of that config key: each method's trade-off curve) and
 the shared overrides; the parent holds each method's final ES/GS/LS (`<method>/ES`, ...), a side-by-side table
 (sweep_methods.json), a bar plot (plots/methods.png) and the trade-off plot (plots/pareto.png: live ES against
 unrelated continuations kept, for the unedited model, each untrained and each trained editor), and the console
@@ -47,12 +49,39 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def parse_knob(text: str) -> tuple[str, list[str]]:
+    """`section.key:v1,v2,...` -> (key, values)."""
+    key, _, values_text = text.partition(":")
+    values = [v.strip() for v in values_text.split(",") if v.strip()]
+    if not key.strip() or not values:
+        raise ConfigError(
+            f"knob={text!r}: expected section.key:value1,value2,... e.g. knob=method.eta_init:3,6,9"
+        )
+    return key.strip(), values
+
+
+def sweep_children(
+    methods: list[str], knob: tuple[str, list[str]] | None
+) -> list[tuple[str, str, list[str]]]:
+    """(label, method, its overrides) per child run: one per method, or per method and knob value."""
+    if knob is None:
+        return [(method, method, [f"method={method}"]) for method in methods]
+    key, values = knob
+    short = key.split(".")[-1]
+    return [
+        (f"{method} {short} {value}", method, [f"method={method}", f"{key}={value}"])
+        for method in methods
+        for value in values
+    ]
+
+
 def format_methods_table(rows: dict[str, dict[str, float]]) -> str:
-    header = f"{'method':<18}" + "".join(f"{key.split('/')[-1]:>20}" for key in TABLE_KEYS)
+    width = max([len("method"), *map(len, rows)]) + 2
+    header = f"{'method':<{width}}" + "".join(f"{key.split('/')[-1]:>20}" for key in TABLE_KEYS)
     lines = [header]
-    for method, result in rows.items():
+    for label, result in rows.items():
         cells = "".join(f"{result.get(key, float('nan')):>20.3f}" for key in TABLE_KEYS)
-        lines.append(f"{method:<18}{cells}")
+        lines.append(f"{label:<{width}}{cells}")
     return "\n".join(lines)
 
 
@@ -88,35 +117,45 @@ def method_points(
     return {method: states for method, states in points.items() if states}
 
 
-def run_methods_sweep(config_file: str | None, overrides: list[str], methods: list[str]) -> dict[str, Any]:
+def run_methods_sweep(
+    config_file: str | None,
+    overrides: list[str],
+    methods: list[str],
+    knob: tuple[str, list[str]] | None = None,
+) -> dict[str, Any]:
     from horse_dist import train
     from horse_dist.tracking import experiment_name, make_tracker, run_tags
 
-    shared = [o for o in overrides if o.split("=", 1)[0] not in ("methods", "method")]
+    shared = [o for o in overrides if o.split("=", 1)[0] not in ("methods", "method", "knob")]
     cfg, _ = load_config_with_extras(config_file, shared, extras=())
-    for method in methods:  # every preset must resolve before the first run starts
-        load_config_with_extras(config_file, [*shared, f"method={method}"], extras=())
+    children = sweep_children(methods, knob)
+    for _, _, child_overrides in children:  # every child's config must resolve before the first run starts
+        load_config_with_extras(config_file, [*shared, *child_overrides], extras=())
     name = f"sweep-methods-{cfg.data.name}-{Path(cfg.model.source).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {**run_tags(cfg, cfg.dist.num_workers), "method": ",".join(methods), "sweep": "methods"}
+    params = {**flatten(cfg), "method.name": ",".join(methods), "sweep.methods": ",".join(methods)}
+    if knob is not None:
+        tags["sweep_knob"] = knob[0]
+        params["sweep.knob"] = f"{knob[0]}:{','.join(knob[1])}"
     parent = make_tracker(
         cfg.tracking.enabled, cfg.tracking.uri, experiment_name(cfg), name, tags, cfg.tracking
     )
-    parent.log_params({**flatten(cfg), "method.name": ",".join(methods), "sweep.methods": ",".join(methods)})
+    parent.log_params(params)
     parent_id = getattr(parent, "run_id", "")
     rows: dict[str, dict[str, float]] = {}
     try:
-        for method in methods:
+        for label, _, child_overrides in children:
             child = [
                 *shared,
-                f"method={method}",
+                *child_overrides,
                 f"tracking.parent_run_id={parent_id}",
-                f"train.run_name={name}-{method}",
+                f"train.run_name={name}-{label.replace(' ', '-')}",
             ]
             argv = ([] if config_file is None else ["--config", config_file]) + child
             result = train.main(argv)
-            rows[method] = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
+            rows[label] = {k: float(v) for k, v in result.items() if isinstance(v, (int, float))}
             parent.log_metrics(
-                {f"{method}/{k.split('/')[-1]}": rows[method][k] for k in TABLE_KEYS if k in rows[method]}, 0
+                {f"{label}/{k.split('/')[-1]}": rows[label][k] for k in TABLE_KEYS if k in rows[label]}, 0
             )
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "sweep_methods.json"
@@ -154,9 +193,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not methods_arg:
         raise ConfigError("python -m horse_dist.sweep needs methods=a,b,...")
     if cli.show_config:  # each child run is this config with its method preset
-        shared = [o for o in cli.overrides if o.split("=", 1)[0] not in ("methods", "method")]
+        shared = [o for o in cli.overrides if o.split("=", 1)[0] not in ("methods", "method", "knob")]
         return print_config(load_config_with_extras(cli.config_file, shared, extras=())[0])
-    return run_methods_sweep(cli.config_file, cli.overrides, parse_methods(methods_arg[-1]))
+    knob_arg = [o.split("=", 1)[1] for o in cli.overrides if o.startswith("knob=")]
+    knob = parse_knob(knob_arg[-1]) if knob_arg else None
+    return run_methods_sweep(cli.config_file, cli.overrides, parse_methods(methods_arg[-1]), knob)
 
 
 if __name__ == "__main__":

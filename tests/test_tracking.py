@@ -220,6 +220,31 @@ def test_a_methods_sweep_nests_one_training_run_per_method(tiny, tmp_path, capsy
     assert "horse " in table and "malmen " in table and "median_step_seconds" in table
 
 
+def test_a_knob_sweep_runs_each_method_at_each_value(tiny, tmp_path, capsys):
+    from horse_dist import sweep
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = tiny(tmp_path / "runs", uri, **{"train.steps": 0, "tracking.system_metrics": False})
+    with pytest.raises(ConfigError, match="method.eta_nit"):
+        sweep.main(["methods=horse", "knob=method.eta_nit:1,2", *overrides])  # before any run starts
+    with pytest.raises(ConfigError, match="expected section.key:value1,value2"):
+        sweep.main(["methods=horse", "knob=method.eta_init", *overrides])
+    assert not (tmp_path / "runs").exists()
+    out = sweep.main(["methods=horse", "knob=method.eta_init:0.001,0.1", *overrides])
+    assert list(out["results"]) == ["horse eta_init 0.001", "horse eta_init 0.1"]
+    client = MlflowClient(uri)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.data.params["sweep.knob"] == "method.eta_init:0.001,0.1"
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'"
+    )
+    assert sorted(c.data.params["method.eta_init"] for c in children) == ["0.001", "0.1"]
+    small, large = (out["results"][f"horse eta_init {v}"] for v in ("0.001", "0.1"))
+    assert small["edited/ES"] != large["edited/ES"]  # the knob reached the editor
+    assert parent.data.metrics["horse eta_init 0.1/ES"] == pytest.approx(large["edited/ES"])
+    assert "horse eta_init 0.001  " in capsys.readouterr().out
+
+
 def test_compare_prints_config_differences_and_final_metrics(two_runs, tmp_path, capsys):
     uri, _, runs = two_runs
     a, b = runs["a"], runs["b"]
