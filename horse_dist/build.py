@@ -40,6 +40,12 @@ def resolve_path(path: str) -> Path:
     return bundled if bundled.exists() else candidate
 
 
+def output_dir(path: str) -> Path:
+    """Where a run writes: relative to the working directory only. resolve_path's fallback to the repository
+    is for bundled inputs; outputs beside a user's command must never land in the checkout's folders."""
+    return Path(path).expanduser()
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -433,12 +433,12 @@ def stream_pool(cfg: RunConfig, tokenizer: Any) -> tuple[list, TokenizedRecords]
 
 def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a stream in its run folder, locked while it runs; returns the summary."""
-    from horse_dist.build import resolve_path
+    from horse_dist.build import output_dir
 
     seq = cfg.sequential
     check_sequential(seq)
     seq.run_name = seq.run_name or default_stream_name(cfg)
-    run_dir = resolve_path(cfg.train.out_dir) / seq.run_name
+    run_dir = output_dir(cfg.train.out_dir) / seq.run_name
     if (run_dir / SUMMARY_NAME).exists():
         raise ConfigError(f"{run_dir} already holds a sequential run; choose another sequential.run_name")
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from horse_dist.build import DataPools, build_engine, load_data, model_positions, resolve_path
+from horse_dist.build import DataPools, build_engine, load_data, model_positions, output_dir
 from horse_dist.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointStore,
@@ -117,7 +117,7 @@ def resume_changes(saved_yaml: str, cfg: RunConfig) -> dict[str, tuple[object, o
 
 
 def run_folder(cfg: RunConfig) -> Path:
-    return resolve_path(cfg.train.out_dir) / cfg.train.run_name
+    return output_dir(cfg.train.out_dir) / cfg.train.run_name
 
 
 def resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:

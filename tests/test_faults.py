@@ -454,3 +454,18 @@ def test_resume_refuses_a_changed_training_file_unless_overridden(tiny_dir, data
     override = {**resume, "train.resume_override": True}
     assert cli(train.main, tiny_args(tiny_dir, changed, tmp_path, **override), capsys)[0] == 0
     assert load_checkpoint(tmp_path / "r")["step"] == 2
+
+
+def test_run_folders_are_made_in_the_working_folder_never_in_the_checkout(tmp_path, monkeypatch):
+    from horse_dist import build
+    from horse_dist.config import load_config
+
+    repo = tmp_path / "repo"
+    (repo / "runs").mkdir(parents=True)  # a checkout whose runs/ exists (an earlier quick start)
+    monkeypatch.setattr(build, "REPO_ROOT", repo)
+    user = tmp_path / "user"
+    user.mkdir()
+    monkeypatch.chdir(user)
+    cfg = load_config(None, ["train.run_name=mine"])
+    assert train.run_folder(cfg).resolve() == user / "runs" / "mine"
+    assert build.resolve_path("runs") == repo / "runs"  # inputs still fall back to the bundled files

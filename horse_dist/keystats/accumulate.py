@@ -1,4 +1,5 @@
-"""Accumulate Σ_t k_t k_tᵀ of the edited modules' inputs over the non-pad tokens of a list of texts.
+"""Accumulate Σ_t k_t k_tᵀ of the edited modules' inputs over the masked tokens of forward passes: every non-pad
+token of a list of texts (the key statistics job, the prompt-token prior), or any mask (the answer positions).
 
 k_t is the input of an edited MLP output projection at token t (nn.Linear or GPT-2 Conv1D alike: both take
 x of shape (B, T, I)). Pure with respect to the model: forward pre-hooks only read, and are always removed.
