@@ -12,16 +12,14 @@ the bracketed terms where live scores are measured, each entropy as min(1, edite
 
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any
 
 import torch
 
 from horse_dist.build import DataPools
-from horse_dist.data import select_records, train_eval_split
-
-log = logging.getLogger(__name__)
+from horse_dist.config import ConfigError
+from horse_dist.data import TokenizedRecords, select_records, train_eval_split
 
 BEST_NAME = "best.pt"
 TEACHER_FORCED_TERMS = ("ES", "GS", "loc_agreement")
@@ -29,12 +27,12 @@ LIVE_TERMS = ("live_ES", "live_GS", "loc_gen_same")
 FLUENCY_TERMS = ("entropy_edit", "entropy_unrel")
 
 
-def hold_out_validation(pools: DataPools, size: int, seed: int) -> tuple[DataPools, Any]:
+def hold_out_validation(pools: DataPools, size: int, seed: int) -> tuple[DataPools, TokenizedRecords]:
     """(the pools without the validation records, the validation pool); a seeded random `size` of the
     training records, the rest still train in record order."""
     n_train = len(pools.train_records)
     if size >= n_train:
-        raise ValueError(
+        raise ConfigError(
             f"train.val_size={size} leaves no training records (the training pool holds {n_train})"
         )
     keep, held = train_eval_split(n_train, size, seed)

@@ -62,7 +62,7 @@ def test_the_validation_split_is_held_out_of_training_and_seeded():
     assert not {f"p{i}" for i in held} & set(trained_on)
     assert [e.input_ids[0] for e in train_pools.train.edit] == [int(p[1:]) for p in trained_on]
     assert held == [e.input_ids[0] for e in hold_out_validation(_pools(20), 5, seed=3)[1].edit]
-    with pytest.raises(ValueError, match="train.val_size=20 leaves no training records"):
+    with pytest.raises(ConfigError, match="train.val_size=20 leaves no training records"):
         hold_out_validation(_pools(20), 20, seed=3)
 
 
