@@ -60,16 +60,14 @@ def parse_knob(text: str) -> tuple[str, list[str]]:
     return key.strip(), values
 
 
-def sweep_children(
-    methods: list[str], knob: tuple[str, list[str]] | None
-) -> list[tuple[str, str, list[str]]]:
-    """(label, method, its overrides) per child run: one per method, or per method and knob value."""
+def sweep_children(methods: list[str], knob: tuple[str, list[str]] | None) -> list[tuple[str, list[str]]]:
+    """(label, overrides) per child run: one per method, or per method and knob value."""
     if knob is None:
-        return [(method, method, [f"method={method}"]) for method in methods]
+        return [(method, [f"method={method}"]) for method in methods]
     key, values = knob
     short = key.split(".")[-1]
     return [
-        (f"{method} {short} {value}", method, [f"method={method}", f"{key}={value}"])
+        (f"{method} {short} {value}", [f"method={method}", f"{key}={value}"])
         for method in methods
         for value in values
     ]
@@ -129,7 +127,7 @@ def run_methods_sweep(
     shared = [o for o in overrides if o.split("=", 1)[0] not in ("methods", "method", "knob")]
     cfg, _ = load_config_with_extras(config_file, shared, extras=())
     children = sweep_children(methods, knob)
-    for _, _, child_overrides in children:  # every child's config must resolve before the first run starts
+    for _, child_overrides in children:  # every child's config must resolve before the first run starts
         load_config_with_extras(config_file, [*shared, *child_overrides], extras=())
     name = f"sweep-methods-{cfg.data.name}-{Path(cfg.model.source).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {**run_tags(cfg, cfg.dist.num_workers), "method": ",".join(methods), "sweep": "methods"}
@@ -144,7 +142,7 @@ def run_methods_sweep(
     parent_id = getattr(parent, "run_id", "")
     rows: dict[str, dict[str, float]] = {}
     try:
-        for label, _, child_overrides in children:
+        for label, child_overrides in children:
             child = [
                 *shared,
                 *child_overrides,
