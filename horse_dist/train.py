@@ -256,7 +256,8 @@ def validate_and_select(
     improved = selection.offer(result["score"], step, engine.bank)
     if not rank0:
         return
-    tracker.log_metrics({f"val/{k}": v for k, v in result.items()}, step)
+    logged = {f"val/{k}": v for k, v in result.items()}
+    tracker.log_metrics(logged, step)
     log.info(
         "validation at step %d: score %.4f%s\n%s",
         step,
@@ -273,9 +274,7 @@ def validate_and_select(
             edit_modules=engine.module_names,
         )
         check_finite(best, run_dir / BEST_NAME)
-        atomic_torch_save(
-            {**best, "metrics": {f"val/{k}": v for k, v in result.items()}}, run_dir / BEST_NAME
-        )
+        atomic_torch_save({**best, "metrics": logged}, run_dir / BEST_NAME)
 
 
 def train_worker(
