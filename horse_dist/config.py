@@ -68,6 +68,10 @@ class DataConfig:
     pack_row_tokens: int = 0
     share_prefixes: bool = True  # packed rows compute prompt prefixes that sequences share once (exact)
     max_train_records: int = 0  # 0: all
+    # fixed partitions of the training pool, one per worker: every epoch reshuffles within each, so a record
+    # meets the same worker (and its block-input cache) all run. 0: the number of workers (a resume keeps the
+    # count it started with). A one-process run with data.partitions=W draws a W-worker run's meta-batches
+    partitions: int = 0
     # eos: every edit and rephrase answer ends with end-of-text, so the editor learns to stop after the answer
     # (the cache pass's keys and gradients include the position after it); never scored in ES/GS
     answer_end: str = "none"
@@ -464,10 +468,16 @@ def validate(cfg: RunConfig) -> None:
         "train.eval_every": cfg.train.eval_every,
         "train.val_size": cfg.train.val_size,
         "data.max_train_records": cfg.data.max_train_records,
+        "data.partitions": cfg.data.partitions,
     }
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0, got {value}")
+    if cfg.data.partitions > cfg.data.n_edits:
+        raise ConfigError(
+            f"data.partitions={cfg.data.partitions} exceeds data.n_edits={cfg.data.n_edits} (each meta-batch "
+            "takes at least one record from every partition)"
+        )
     if cfg.train.val_size and not cfg.train.eval_every:
         raise ConfigError(
             "train.val_size > 0 selects the best of the editors scored every train.eval_every steps: set train.eval_every > 0"

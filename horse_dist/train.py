@@ -46,7 +46,14 @@ from horse_dist.config import (
     split_cli,
     to_yaml,
 )
-from horse_dist.data import TokenizedRecords, meta_batch_indices, records_fingerprint, shard_slice
+from horse_dist.data import (
+    TokenizedRecords,
+    meta_batch_indices,
+    partition,
+    records_fingerprint,
+    shard_slice,
+    steps_per_epoch,
+)
 from horse_dist.dist.world import LocalWorld
 from horse_dist.engine import DivergedError, EditEngine
 from horse_dist.evaluate import evaluate_pool, format_table, full_evaluation, live_eval_for
@@ -103,6 +110,7 @@ RESUME_FIXED = {
     "method.prior_keys",
     "method.prior_records",
     "method.prior_damping",
+    "data.partitions",
 }
 
 
@@ -168,6 +176,60 @@ def check_resumed_data(saved: str, current: str, cfg: RunConfig, run_dir: Path) 
     if not cfg.train.resume_override:
         raise ConfigError(f"{problem}; set train.resume_override=true to continue on the new records")
     log.warning("%s; continuing on the new records (train.resume_override)", problem)
+
+
+def resolve_partitions(cfg: RunConfig, world: LocalWorld, state: dict | None) -> int:
+    """The training pool's partition count: the config's, else the resumed run's, else one per worker.
+    A resume keeps the count it started with (the meta-batches are a function of it); an explicit other
+    count is refused like any other change to them."""
+    saved = int(state.get("data_partitions", 1)) if state is not None else 0
+    parts = cfg.data.partitions or saved or world.size
+    if saved and parts != saved:
+        raise ConfigError(
+            f"data.partitions={parts}: this run was trained with {saved} partitions (its meta-batches depend on "
+            f"it); resume with data.partitions={saved} or 0"
+        )
+    if parts != world.size:
+        log.info(
+            "%d data partition(s) on %d worker(s): records move between workers across epochs",
+            parts,
+            world.size,
+        )
+    return parts
+
+
+def plan_block_cache(engine: EditEngine, pool: TokenizedRecords, records: list[int], revisits: bool) -> None:
+    """Keep the block-input cache only where it will be hit: the prompts this worker meets again in later
+    epochs must fit its budget, else it is turned off (a partial cache misses on almost every micro-batch,
+    which hits only when all its sequences are stored). The decision is logged with its numbers."""
+    cache = engine.block_cache
+    if cache is None:
+        return
+    tokens = sum(len(view[i].input_ids) for view in (pool.edit, pool.equiv, pool.unrel) for i in records)
+    hidden = engine.model.config.hidden_size
+    element = torch.empty((), dtype=engine.model.dtype).element_size()
+    need_gib, budget_gib = tokens * hidden * element / 2**30, cache.budget_bytes / 2**30
+    if not revisits:
+        engine.block_cache = None
+        log.info("block-input cache off: the run ends within its first epoch (no prompt comes back)")
+    elif not cache.fits(tokens, hidden, element):
+        engine.block_cache = None
+        log.warning(
+            "block-input cache off: this worker's %d records need %.2f GiB, over train.block_cache_gb=%.2f "
+            "(projected hit rate from epoch 2: %.2f of their prompts stored, ~0 of the micro-batches)",
+            len(records),
+            need_gib,
+            budget_gib,
+            budget_gib / need_gib,
+        )
+    else:
+        log.info(
+            "block-input cache on: this worker's %d records need %.2f GiB of %.2f; projected hit rate from "
+            "epoch 2: 1.0",
+            len(records),
+            need_gib,
+            budget_gib,
+        )
 
 
 @contextmanager
@@ -307,12 +369,18 @@ def train_worker(
     if engine.bank.has_prior and state is None:
         engine.fit_key_prior(key_prior_stats(engine, cfg, pools, tokenizer))
     n_pool = len(pools.train.edit)
+    parts = resolve_partitions(cfg, world, state)
+    epoch_steps = steps_per_epoch(n_pool, cfg.data.n_edits, parts)
+    mine = partition(n_pool, cfg.train.seed, parts, world.rank) if parts == world.size else range(n_pool)
+    plan_block_cache(engine, pools.train, list(mine), revisits=cfg.train.steps > epoch_steps)
     step_times: list[float] = []
     phase_times: dict[str, list[float]] = {}
     skipped_total = skipped_in_row = 0
     progress = tqdm(range(start_step, cfg.train.steps), desc="meta-train", disable=not rank0)
     for step in progress:
-        indices = meta_batch_indices(n_pool, cfg.data.n_edits, cfg.train.seed, step)
+        if engine.block_cache is not None and (step % epoch_steps == 0 or step == start_step):
+            engine.block_cache.start_epoch()
+        indices = meta_batch_indices(n_pool, cfg.data.n_edits, cfg.train.seed, step, parts)
         batches = engine.batches_for(pools.train, shard_slice(indices, world.rank, world.size))
         world.bytes_moved.clear()
         started = time.perf_counter()
@@ -326,6 +394,9 @@ def train_worker(
         metrics.update({f"comm_bytes/{k}": float(v) for k, v in moved.items()})
         per_worker = {k: v for k, v in raw.items() if k.startswith("time/")}
         per_worker.update(step_seconds=seconds, peak_rss_gb=metrics["peak_rss_gb"])
+        if cfg.train.block_cache_gb > 0:  # the same keys on every worker; 0 where a worker's cache is off
+            cache = engine.block_cache
+            per_worker["block_cache/epoch_hit_rate"] = cache.epoch_hit_rate if cache is not None else 0.0
         metrics.update(gather_worker_metrics(per_worker, world))
         for layer, name in enumerate(engine.module_names):
             metrics[f"eta/{name}"] = engine.bank.eta(layer)
@@ -335,6 +406,7 @@ def train_worker(
         if engine.block_cache is not None:  # this worker's (rank 0's in the log)
             metrics["block_cache/megabytes"] = engine.block_cache.bytes / 2**20
             metrics["block_cache/hit_rate"] = engine.block_cache.hit_rate
+            metrics["block_cache/epoch_hit_rate"] = engine.block_cache.epoch_hit_rate
         skipped_total += int(raw["skipped"])
         skipped_in_row = skipped_in_row + 1 if raw["skipped"] else 0
         metrics["skipped_steps"] = float(skipped_total)
@@ -399,6 +471,7 @@ def train_worker(
                 edit_modules=engine.module_names,
                 data_fingerprint=fingerprint,
             )
+            state["data_partitions"] = parts
             if selection is not None:
                 state["selection"] = selection.state_dict()
             store.save(state, metrics)

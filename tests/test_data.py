@@ -17,6 +17,7 @@ from horse_dist.data import (
     first_few,
     load_records,
     meta_batch_indices,
+    partition,
     micro_batches,
     shard_slice,
     steps_per_epoch,
@@ -474,6 +475,25 @@ def test_meta_batch_indices_is_a_pure_function_of_seed_and_step():
     big = [meta_batch_indices(1000, 64, seed=7, step=s) for s in range(40)]
     assert all(len(set(b)) == 64 and all(0 <= i < 1000 for i in b) for b in big)
     assert big[0] != big[1]
+
+
+def test_partitions_keep_each_record_on_one_worker_across_epochs():
+    pool, n, parts = 23, 6, 2  # partitions of 12 and 11 records, 3 of each per meta-batch
+    blocks = [partition(pool, 0, parts, p) for p in range(parts)]
+    assert sorted(blocks[0] + blocks[1]) == list(range(pool)) and [len(b) for b in blocks] == [12, 11]
+    assert steps_per_epoch(pool, n, parts) == 3  # 11 // 3: the smaller partition ends the epoch
+    epochs = [[meta_batch_indices(pool, n, 0, e * 3 + s, parts) for s in range(3)] for e in range(3)]
+    for epoch in epochs:
+        assert len({i for batch in epoch for i in batch}) == 18  # no record twice within an epoch
+        for batch in epoch:
+            for rank in range(parts):  # worker r's shard is drawn from partition r, every epoch
+                assert set(shard_slice(batch, rank, parts)) <= set(blocks[rank])
+    assert epochs[0] != epochs[1]  # each epoch reshuffles within the partitions
+    assert partition(pool, 1, parts, 0) != blocks[0]  # the partitions follow the seed
+    # one partition is the plan of runs before partitions (the pinned test above)
+    assert meta_batch_indices(10, 3, 0, 0, 1) == [9, 5, 3]
+    with pytest.raises(ValueError, match=r"partitions must be in \[1, n_edits=6\], got 7"):
+        meta_batch_indices(pool, n, 0, 0, 7)
 
 
 def test_meta_batch_indices_rejects_oversized_batches():

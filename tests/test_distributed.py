@@ -206,9 +206,9 @@ def local_reference(tmp_path_factory, tiny_dir):
     from horse_dist.train import run_local
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = tiny_config(tiny_dir, out, "local")
+    cfg = tiny_config(tiny_dir, out, "local", "data.partitions=2")  # a 2-worker run's meta-batches
     initial = {k: v.clone() for k, v in build_engine(cfg)[0].bank.state_dict().items()}
-    result = run_local(tiny_config(tiny_dir, out, "local"))
+    result = run_local(tiny_config(tiny_dir, out, "local", "data.partitions=2"))
     return {"result": result, "hypernet": final_hypernet(out, "local"), "initial": initial}
 
 
@@ -286,6 +286,39 @@ def test_ray_w2_zero3_matches_local(ray_cluster, local_reference, tmp_path, tiny
         final_hypernet(tmp_path, "w2z3"), local_reference["hypernet"], local_reference["initial"]
     )
     assert_same_scores(result, local_reference["result"])
+
+
+@pytest.mark.slow
+def test_block_cache_hits_every_pass_of_epoch_two_at_w2(ray_cluster, tmp_path, tiny_dir):
+    """Each record stays on its worker (data.partitions = the 2 workers): from the second epoch on, every
+    pass of every worker resumes from its stored block inputs."""
+    from mlflow import MlflowClient
+
+    from horse_dist.dist.ray_launch import run_ray
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = tiny_config(
+        tiny_dir,
+        tmp_path,
+        "cache",
+        "dist.backend=ray",
+        "dist.num_workers=2",
+        "dist.zero_stage=0",
+        "data.max_train_records=16",  # 2 partitions of 8, 4 records each per step: 2 steps an epoch
+        "train.steps=4",
+        "train.checkpoint_every=0",
+        "train.block_cache_gb=1",
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        "tracking.system_metrics=false",
+    )
+    run_ray(cfg)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("zsre-llama").experiment_id])
+    for worker in ("w0", "w1"):
+        history = client.get_metric_history(run.info.run_id, f"block_cache/epoch_hit_rate/{worker}")
+        rates = [m.value for m in sorted(history, key=lambda m: m.step)]
+        assert rates[:2] == [0.0, 0.0] and rates[2:] == [1.0, 1.0], worker
 
 
 # ---- sharding is real ---------------------------------------------------------------------------------

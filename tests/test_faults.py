@@ -469,3 +469,29 @@ def test_run_folders_are_made_in_the_working_folder_never_in_the_checkout(tmp_pa
     cfg = load_config(None, ["train.run_name=mine"])
     assert train.run_folder(cfg).resolve() == user / "runs" / "mine"
     assert build.resolve_path("runs") == repo / "runs"  # inputs still fall back to the bundled files
+
+
+def test_resume_keeps_the_partition_count_it_started_with(tiny_dir, data_file, tmp_path, capsys):
+    """The meta-batches depend on data.partitions: a resume refuses another count, an automatic count (0)
+    follows the checkpoint's whatever the new worker count, and the resumed run draws what an uninterrupted
+    one draws."""
+    from horse_dist.config import load_config
+    from horse_dist.dist.world import LocalWorld
+
+    args = {"data.partitions": 2, "train.steps": 1}
+    train.main(tiny_args(tiny_dir, data_file, tmp_path, **args, **{"train.run_name": "split"}))
+    assert load_checkpoint(tmp_path / "split")["data_partitions"] == 2
+    resume = {"train.run_name": "split", "train.resume": True, "train.steps": 3}
+    other = {**resume, "data.partitions": 3, "train.resume_override": True}
+    code, err = cli(train.main, tiny_args(tiny_dir, data_file, tmp_path, **other), capsys)
+    assert code == 2 and "cannot resume with a different data.partitions (data.partitions: 2 -> 3" in err
+    assert cli(train.main, tiny_args(tiny_dir, data_file, tmp_path, **resume), capsys)[0] == 0
+    whole = {"train.run_name": "whole", "data.partitions": 2, "train.steps": 3}
+    train.main(tiny_args(tiny_dir, data_file, tmp_path, **whole))
+    resumed, uninterrupted = (load_checkpoint(tmp_path / name)["hypernet"] for name in ("split", "whole"))
+    for key in uninterrupted:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
+    auto = load_config(None, [])
+    assert train.resolve_partitions(auto, LocalWorld(), None) == 1  # one per worker
+    assert train.resolve_partitions(auto, LocalWorld(), {"data_partitions": 4}) == 4  # the checkpoint's
+    assert train.resolve_partitions(auto, LocalWorld(), {}) == 1  # checkpoints before partitions: one

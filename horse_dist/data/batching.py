@@ -147,37 +147,83 @@ def train_eval_split(n_records: int, eval_size: int, seed: int) -> tuple[list[in
     return train, sorted(eval_set)
 
 
-def steps_per_epoch(pool_size: int, n_edits: int) -> int:
-    """Meta-steps per pass over the pool; the remainder of each epoch's permutation is skipped (drop_last)."""
+def split_sizes(total: int, parts: int) -> list[int]:
+    """`total` items in `parts` near-equal blocks, the first `total % parts` one larger (shard_slice's rule)."""
+    base, extra = divmod(total, parts)
+    return [base + (p < extra) for p in range(parts)]
+
+
+def _check_plan(pool_size: int, n_edits: int, parts: int) -> None:
     if not 1 <= n_edits <= pool_size:
         raise ValueError(f"n_edits must be in [1, pool_size={pool_size}], got {n_edits}")
-    return pool_size // n_edits
+    if not 1 <= parts <= n_edits:
+        raise ValueError(f"partitions must be in [1, n_edits={n_edits}], got {parts}")
+
+
+def steps_per_epoch(pool_size: int, n_edits: int, parts: int = 1) -> int:
+    """Meta-steps per pass over the pool; the remainder of each epoch's permutation is skipped (drop_last).
+    With several partitions, the partition that runs out first ends the epoch."""
+    _check_plan(pool_size, n_edits, parts)
+    return min(
+        size // share for size, share in zip(split_sizes(pool_size, parts), split_sizes(n_edits, parts))
+    )
 
 
 @lru_cache(maxsize=4)
-def _epoch_permutation(pool_size: int, seed: int, epoch: int) -> tuple[int, ...]:
+def _partitions(pool_size: int, seed: int, parts: int) -> tuple[tuple[int, ...], ...]:
+    """Fixed blocks of a seeded permutation of the pool: a record stays in its partition for the whole run."""
+    if parts == 1:
+        return (tuple(range(pool_size)),)
     order = list(range(pool_size))
-    random.Random(f"epoch:{seed}:{epoch}").shuffle(order)  # string seeds hash stably across runs
+    random.Random(f"partition:{seed}").shuffle(order)
+    bounds = [0]
+    for size in split_sizes(pool_size, parts):
+        bounds.append(bounds[-1] + size)
+    return tuple(tuple(order[a:b]) for a, b in zip(bounds, bounds[1:]))
+
+
+def partition(pool_size: int, seed: int, parts: int, part: int) -> list[int]:
+    """The record indices of one of meta_batch_indices' partitions."""
+    if not 0 <= part < parts:
+        raise ValueError(f"part must be in [0, {parts}), got {part}")
+    return list(_partitions(pool_size, seed, parts)[part])
+
+
+@lru_cache(maxsize=8)
+def _epoch_permutation(
+    pool_size: int, seed: int, epoch: int, parts: int = 1, part: int = 0
+) -> tuple[int, ...]:
+    order = list(_partitions(pool_size, seed, parts)[part])
+    # string seeds hash stably across runs; one partition keeps the seeds of runs before partitions
+    label = f"epoch:{seed}:{epoch}" if parts == 1 else f"epoch:{seed}:{epoch}:{part}/{parts}"
+    random.Random(label).shuffle(order)
     return tuple(order)
 
 
-def meta_batch_indices(pool_size: int, n_edits: int, seed: int, step: int) -> list[int]:
-    """The record indices of meta-step `step`: a pure function of (seed, step), so a resumed run repeats it.
+def meta_batch_indices(pool_size: int, n_edits: int, seed: int, step: int, parts: int = 1) -> list[int]:
+    """The record indices of meta-step `step`: a pure function of (seed, step, parts), so a resumed run
+    repeats it.
 
-    Each epoch is a fresh seeded permutation cut into `steps_per_epoch` whole meta-batches, so that no
-    meta-batch straddles two epochs (which could repeat a record within it).
+    The pool is cut into `parts` fixed partitions; each epoch shuffles every partition and each meta-batch
+    takes its next share of every one, in partition order, cut whole so that no meta-batch straddles two
+    epochs (which could repeat a record within it). With parts = the number of workers, shard_slice hands
+    worker r exactly partition r's share: a record meets the same worker every epoch (and its block-input
+    cache); a one-process run with the same parts draws the same meta-batches.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
-    epoch, position = divmod(step, steps_per_epoch(pool_size, n_edits))
-    start = position * n_edits
-    return list(_epoch_permutation(pool_size, seed, epoch)[start : start + n_edits])
+    epoch, position = divmod(step, steps_per_epoch(pool_size, n_edits, parts))
+    indices: list[int] = []
+    for part, share in enumerate(split_sizes(n_edits, parts)):
+        order = _epoch_permutation(pool_size, seed, epoch, parts, part)
+        indices.extend(order[position * share : (position + 1) * share])
+    return indices
 
 
 def shard_slice(indices: list[int], rank: int, world_size: int) -> list[int]:
     """Worker `rank`'s contiguous block of a meta-batch; the first `len % world_size` blocks get one extra."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    base, extra = divmod(len(indices), world_size)
-    start = rank * base + min(rank, extra)
-    return indices[start : start + base + (rank < extra)]
+    sizes = split_sizes(len(indices), world_size)
+    start = sum(sizes[:rank])
+    return indices[start : start + sizes[rank]]

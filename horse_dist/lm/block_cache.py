@@ -44,6 +44,14 @@ class BlockInputCache:
         self._states: dict[Key, torch.Tensor] = {}  # (kind, record) -> (T, H), in host memory
         self.bytes = 0
         self.hits = self.misses = 0
+        self._epoch_start = (0, 0)  # (hits, misses) when the current epoch began
+
+    def fits(self, n_tokens: int, hidden: int, element_bytes: int) -> bool:
+        """Whether the states of `n_tokens` prompt tokens fit the budget."""
+        return n_tokens * hidden * element_bytes <= self.budget_bytes
+
+    def start_epoch(self) -> None:
+        self._epoch_start = (self.hits, self.misses)
 
     def __len__(self) -> int:
         return len(self._states)
@@ -52,6 +60,12 @@ class BlockInputCache:
     def hit_rate(self) -> float:
         """Share of the passes so far that resumed from stored states."""
         return self.hits / max(self.hits + self.misses, 1)
+
+    @property
+    def epoch_hit_rate(self) -> float:
+        """Share of this epoch's passes so far that resumed from stored states."""
+        hits, misses = self.hits - self._epoch_start[0], self.misses - self._epoch_start[1]
+        return hits / max(hits + misses, 1)
 
     def hidden_fn(self, model: nn.Module, kind: str, records: list[Record]) -> HiddenStates:
         """The states entering the block for batches of `kind` prompts whose edit index e is the record
