@@ -20,11 +20,12 @@ from horse_dist.data import (
     load_records,
     overlong,
     select_records,
-    tokenize_records,
+    stored_tokenize,
     train_eval_split,
 )
 from horse_dist.dist.world import LocalWorld
 from horse_dist.engine import EditEngine
+from horse_dist.fs import user_cache
 from horse_dist.lm.load import load_frozen_lm
 from horse_dist.lm.registry import resolve_edit_modules
 
@@ -114,6 +115,15 @@ def _drop_overlong(
     return [records[i] for i in keep], select_records(tokenized, keep)
 
 
+def token_store(cfg: RunConfig) -> Path | None:
+    """The folder of tokenised pools (data.token_store), None where off."""
+    if cfg.data.token_store == "off":
+        return None
+    if cfg.data.token_store == "auto":
+        return user_cache("tokens")
+    return output_dir(cfg.data.token_store)
+
+
 def load_data(cfg: RunConfig, tokenizer, max_tokens: int | None = None, train: bool = True) -> DataPools:
     """The training and evaluation pools; records longer than `max_tokens` (the model's positions) are
     dropped with a warning. `train=False` (evaluation alone) leaves the training pool empty: at zsRE's full
@@ -131,12 +141,13 @@ def load_data(cfg: RunConfig, tokenizer, max_tokens: int | None = None, train: b
     if not train:
         train_records = []
     stop_id = answer_stop_id(tokenizer, data.answer_end)
+    store = token_store(cfg)
     train_records, train_pool = _drop_overlong(
-        train_records, tokenize_records(tokenizer, train_records, stop_id), max_tokens, data.train_path
+        train_records, stored_tokenize(tokenizer, train_records, stop_id, store), max_tokens, data.train_path
     )
     eval_records, evaluation = _drop_overlong(
         eval_records,
-        tokenize_records(tokenizer, eval_records, stop_id),
+        stored_tokenize(tokenizer, eval_records, stop_id, store),
         max_tokens,
         data.eval_path or data.train_path,
     )

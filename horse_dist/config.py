@@ -72,6 +72,10 @@ class DataConfig:
     # meets the same worker (and its block-input cache) all run. 0: the number of workers (a resume keeps the
     # count it started with). A one-process run with data.partitions=W draws a W-worker run's meta-batches
     partitions: int = 0
+    # where tokenised pools are kept, memory-mapped, for every later run, resume and worker on the same
+    # records and tokenizer (data/token_store.py): auto: ~/.cache/horse_dist/tokens (one per machine, as
+    # ~/.cache/huggingface); off: tokenise in memory; else that folder
+    token_store: str = "auto"
     # eos: every edit and rephrase answer ends with end-of-text, so the editor learns to stop after the answer
     # (the cache pass's keys and gradients include the position after it); never scored in ES/GS
     answer_end: str = "none"

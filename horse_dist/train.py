@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -51,6 +52,7 @@ from horse_dist.data import (
     meta_batch_indices,
     partition,
     records_fingerprint,
+    sequence_lengths,
     shard_slice,
     steps_per_epoch,
 )
@@ -198,38 +200,37 @@ def resolve_partitions(cfg: RunConfig, world: LocalWorld, state: dict | None) ->
     return parts
 
 
-def plan_block_cache(engine: EditEngine, pool: TokenizedRecords, records: list[int], revisits: bool) -> None:
-    """Keep the block-input cache only where it will be hit: the prompts this worker meets again in later
-    epochs must fit its budget, else it is turned off (a partial cache misses on almost every micro-batch,
-    which hits only when all its sequences are stored). The decision is logged with its numbers."""
+def plan_block_cache(
+    engine: EditEngine, pool: TokenizedRecords, records: list[int], epochs: float, evaluations: bool
+) -> None:
+    """Keep the block-input cache only where it will be hit: where this worker's training prompts come back
+    (a run of more than one epoch) they must fit its budget, else it is turned off (a partial cache serves
+    almost no micro-batch: one is served only when all its prompts are stored); a one-epoch run keeps it
+    for its periodic evaluations (`evaluations`), which revisit their pool. The decision is logged."""
     cache = engine.block_cache
     if cache is None:
         return
-    tokens = sum(len(view[i].input_ids) for view in (pool.edit, pool.equiv, pool.unrel) for i in records)
+    lengths = [np.asarray(sequence_lengths(view)) for view in (pool.edit, pool.equiv, pool.unrel)]
+    tokens = int(sum(view[records].sum() for view in lengths))
     hidden = engine.model.config.hidden_size
     element = torch.empty((), dtype=engine.model.dtype).element_size()
-    need_gib, budget_gib = tokens * hidden * element / 2**30, cache.budget_bytes / 2**30
-    if not revisits:
+    need_gib, budget = tokens * hidden * element / 2**30, cache.budget_bytes / 2**30
+    need = f"this worker's {len(records)} training records need {need_gib:.2f} GiB of {budget:.2f}"
+    if epochs <= 1 and evaluations:
+        log.info("block-input cache on for the periodic evaluations (%.2f epochs: %s)", epochs, need)
+    elif epochs <= 1:
         engine.block_cache = None
-        log.info("block-input cache off: the run ends within its first epoch (no prompt comes back)")
+        log.info("block-input cache off: no prompt comes back in %.2f epochs (%s)", epochs, need)
     elif not cache.fits(tokens, hidden, element):
         engine.block_cache = None
         log.warning(
-            "block-input cache off: this worker's %d records need %.2f GiB, over train.block_cache_gb=%.2f "
-            "(projected hit rate from epoch 2: %.2f of their prompts stored, ~0 of the micro-batches)",
-            len(records),
-            need_gib,
-            budget_gib,
-            budget_gib / need_gib,
+            "block-input cache off: %s (train.block_cache_gb; kept, it would store %.2f of their prompts "
+            "and serve almost no micro-batch)",
+            need,
+            budget / need_gib,
         )
     else:
-        log.info(
-            "block-input cache on: this worker's %d records need %.2f GiB of %.2f; projected hit rate from "
-            "epoch 2: 1.0",
-            len(records),
-            need_gib,
-            budget_gib,
-        )
+        log.info("block-input cache on: %s; projected hit rate from epoch 2: 1.0", need)
 
 
 @contextmanager
@@ -372,7 +373,8 @@ def train_worker(
     parts = resolve_partitions(cfg, world, state)
     epoch_steps = steps_per_epoch(n_pool, cfg.data.n_edits, parts)
     mine = partition(n_pool, cfg.train.seed, parts, world.rank) if parts == world.size else range(n_pool)
-    plan_block_cache(engine, pools.train, list(mine), revisits=cfg.train.steps > epoch_steps)
+    epochs = cfg.train.steps / epoch_steps
+    plan_block_cache(engine, pools.train, list(mine), epochs, evaluations=cfg.train.eval_every > 0)
     step_times: list[float] = []
     phase_times: dict[str, list[float]] = {}
     skipped_total = skipped_in_row = 0

@@ -17,8 +17,8 @@ from horse_dist.data import (
     first_few,
     load_records,
     meta_batch_indices,
-    partition,
     micro_batches,
+    partition,
     shard_slice,
     steps_per_epoch,
     train_eval_split,
@@ -570,3 +570,18 @@ def test_data_paths_take_lists_and_globs(tmp_path, monkeypatch):
     ]
     with pytest.raises(FileNotFoundError, match=r"nope\*\.json: no data file matches"):
         data_files("nope*.json")
+
+
+def test_records_fingerprint_is_the_sha256_of_every_field_in_order():
+    """Pinned to its first definition: checkpoints written before carry fingerprints made that way."""
+    import dataclasses
+    import hashlib
+
+    from horse_dist.data import records_fingerprint
+
+    records = [EditRecord("p?", "a", "r?", "l?", "la", "s"), EditRecord("q?", "b", "s?", "m?", "mb", "", "o")]
+    digest = hashlib.sha256(b"2")
+    for record in records:
+        digest.update("\x1f".join(dataclasses.astuple(record)).encode() + b"\x1e")
+    assert records_fingerprint(records) == digest.hexdigest()
+    assert records_fingerprint(records[::-1]) != digest.hexdigest()

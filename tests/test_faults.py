@@ -495,3 +495,27 @@ def test_resume_keeps_the_partition_count_it_started_with(tiny_dir, data_file, t
     assert train.resolve_partitions(auto, LocalWorld(), None) == 1  # one per worker
     assert train.resolve_partitions(auto, LocalWorld(), {"data_partitions": 4}) == 4  # the checkpoint's
     assert train.resolve_partitions(auto, LocalWorld(), {}) == 1  # checkpoints before partitions: one
+
+
+def test_a_resume_maps_the_stored_tokens_instead_of_tokenising(
+    tiny_dir, data_file, tmp_path, capsys, monkeypatch
+):
+    import horse_dist.data.token_store as token_store
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # data.token_store=auto: ~/.cache/horse_dist/tokens
+    store = tmp_path / "home" / ".cache" / "horse_dist" / "tokens"
+    args = {"train.run_name": "r", "train.steps": 1}
+    train.main(tiny_args(tiny_dir, data_file, tmp_path, **args))
+    stored = sorted(store.iterdir())  # one pool: the training and evaluation files are one here
+    assert [p.name.startswith(".") for p in stored] == [True, False]  # its lock, its folder
+
+    def refuse(*_):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(token_store, "tokenize_records", refuse)
+    resume = {**args, "train.resume": True, "train.steps": 2}
+    assert cli(train.main, tiny_args(tiny_dir, data_file, tmp_path, **resume), capsys)[0] == 0
+    assert load_checkpoint(tmp_path / "r")["step"] == 2 and sorted(store.iterdir()) == stored
+    off = {"train.run_name": "off", "data.token_store": "off"}
+    with pytest.raises(AssertionError, match="tokenised again"):  # off: tokenised in memory
+        train.main(tiny_args(tiny_dir, data_file, tmp_path / "off", **off))

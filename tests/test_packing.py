@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from horse_dist.data import TokenizedExample
+from horse_dist.data import TokenizedExample, packing
 from horse_dist.data.packing import FirstFit, PrefixTree, pack_rows, pack_shared_rows, prefix_groups
 
 
@@ -68,11 +68,29 @@ def _examples(n, seed):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("row_tokens", [16, 32, 64])
-def test_packing_equals_the_scans_it_replaced(seed, row_tokens):
+def test_packing_equals_the_scans_it_replaced(seed, row_tokens, monkeypatch):
     examples = _examples(300, seed)
-    assert pack_shared_rows(examples, row_tokens) == _scan_pack_shared_rows(examples, row_tokens)
+    scanned = _scan_pack_shared_rows(examples, row_tokens)
+    capped = pack_shared_rows(examples, row_tokens)
+    monkeypatch.setattr(packing, "SHARED_ROWS_SCANNED", len(examples))  # every row that shares a root
+    assert pack_shared_rows(examples, row_tokens) == scanned
     lengths = [len(e.input_ids) for e in examples]
     assert pack_rows(lengths, row_tokens) == _scan_pack_rows(lengths, row_tokens)
+    # scanning only the newest rows that share a root: every example once, rows within their length (a longer
+    # sequence alone), and within 1 % of the scan's tokens (the trees' sizes)
+    assert sorted(i for row in capped for i in row) == list(range(len(examples)))
+
+    def tokens(rows):
+        sizes = []
+        for row in rows:
+            tree = PrefixTree()
+            for i in row:
+                tree.add(i, examples[i])
+            sizes.append(len(tree))
+        assert all(size <= row_tokens or len(row) == 1 for size, row in zip(sizes, rows))  # or one longer
+        return sum(sizes)
+
+    assert tokens(capped) <= 1.01 * tokens(scanned)
 
 
 def test_first_fit_finds_the_lowest_row_with_room():
@@ -82,3 +100,21 @@ def test_first_fit_finds_the_lowest_row_with_room():
     assert [free.find(need) for need in (1, 4, 6, 9, 10)] == [0, 1, 1, 1, None]
     free.update(1, 0)
     assert [free.find(need) for need in (4, 6, 9)] == [3, 3, 3]
+
+
+def test_the_row_length_chosen_on_a_sample_costs_within_a_percent_of_trying_every_length():
+    examples = _examples(1500, 0)
+    rows, length = packing.packed_rows(examples, 0, share=True)
+    longest = max(len(e.input_ids) for e in examples)
+
+    def cost(n_rows, length):
+        return n_rows * length * (1 + length * packing.ATTENTION_COST_PER_POSITION)
+
+    tried = {
+        max(c, longest): len(pack_shared_rows(examples, max(c, longest))) for c in packing.ROW_CANDIDATES
+    }
+    assert length in tried and len(rows) == tried[length]  # the sample picks the length, all are packed
+    assert cost(len(rows), length) <= 1.01 * min(cost(n, c) for c, n in tried.items())
+    few = examples[: packing.LENGTH_SAMPLE]  # up to the sample's size, every length is tried on all of them
+    best = min((cost(len(pack_shared_rows(few, c)), c), c) for c in packing.ROW_CANDIDATES)[1]
+    assert packing.packed_rows(few, 0, share=True)[1] == best

@@ -213,3 +213,20 @@ def test_alignment_smollm2(smollm2, zsre_records):
     for record in zsre_records[:100]:
         check_natural_alignment(smollm2, record.prompt, record.answer)
         check_natural_alignment(smollm2, record.loc_prompt, record.loc_answer)
+
+
+@pytest.mark.parametrize("tokenizer_name", ["gpt2_style", "llama_style", "smollm2"])
+def test_batched_encoding_returns_the_ids_the_tokenizer_call_returns(tokenizer_name, zsre_records, request):
+    """tokenize.py reads ids straight from the fast backend (no per-text dicts): the same ids as tokenizer()."""
+    tokenizer = request.getfixturevalue(tokenizer_name)
+    texts = [t for r in zsre_records for t in (r.prompt, f"{r.prompt} {r.answer}", " " + r.loc_answer)]
+    for special in (True, False):
+        assert (
+            tokenize_module._encode(tokenizer, texts, special)
+            == tokenizer(texts, add_special_tokens=special)["input_ids"]
+        )
+    tokenizer.backend_tokenizer.enable_truncation(4)  # a backend set to truncate: the call's own rules apply
+    try:
+        assert tokenize_module._encode(tokenizer, texts[:3], True) == tokenizer(texts[:3])["input_ids"]
+    finally:
+        tokenizer.backend_tokenizer.no_truncation()

@@ -100,17 +100,25 @@ def test_tracking_to_sqlite_logs_params_and_step_metrics(tiny_overrides, tmp_pat
     train.main(
         tiny_overrides(
             tmp_path,
-            **{"train.steps": 2, "train.run_name": "tracked", "tracking.enabled": True, "tracking.uri": uri},
+            **{
+                "train.steps": 3,
+                "train.run_name": "tracked",
+                "tracking.enabled": True,
+                "tracking.uri": uri,
+                "data.max_train_records": 16,  # 2 meta-steps an epoch: step 3 revisits step 1's or 2's records
+            },
         )
     )
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["method.spread"] == "orthogonal" and run.data.params["data.n_edits"] == "8"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1, 2, 3]
     assert "eval/edited/ES" in run.data.metrics and "time/cache" in run.data.metrics
-    # Two different meta-batches: their prompts' block inputs are stored, none is seen twice yet.
-    assert run.data.metrics["block_cache/hit_rate"] == 0 and run.data.metrics["block_cache/megabytes"] > 0
+    # Epoch 1 stores every prompt's block inputs; epoch 2 is served from them.
+    history = client.get_metric_history(run.info.run_id, "block_cache/epoch_hit_rate")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.0, 0.0, 1.0]
+    assert run.data.metrics["block_cache/megabytes"] > 0
 
 
 def test_edit_export_reloads_in_plain_transformers_with_the_edited_predictions(tiny_overrides, tmp_path):

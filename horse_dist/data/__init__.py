@@ -13,6 +13,7 @@ from horse_dist.data.batching import (
 )
 from horse_dist.data.formats import FORMATS, TARGETS, detect_format, load_records, read_json
 from horse_dist.data.records import DataFormatError, EditRecord, first_few, records_fingerprint
+from horse_dist.data.token_store import StoredView, stored_tokenize
 from horse_dist.data.tokenize import (
     IGNORE_INDEX,
     ContrastViews,
@@ -22,6 +23,7 @@ from horse_dist.data.tokenize import (
     concat_records,
     overlong,
     select_records,
+    sequence_lengths,
     tokenize_example,
     tokenize_examples,
     tokenize_records,
@@ -54,6 +56,9 @@ __all__ = [
     "concat_records",
     "overlong",
     "select_records",
+    "sequence_lengths",
+    "stored_tokenize",
+    "StoredView",
     "tokenize_example",
     "tokenize_examples",
     "tokenize_records",

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from horse_dist.data.records import EditRecord
@@ -39,7 +40,19 @@ class ContrastViews:
     unrel_other: list[TokenizedExample]
 
     def select(self, keep: Sequence[int]) -> ContrastViews:
-        return ContrastViews(*([getattr(self, v)[i] for i in keep] for v in CONTRAST_VIEWS))
+        return ContrastViews(*(take(getattr(self, v), keep) for v in CONTRAST_VIEWS))
+
+
+def take(view: Sequence[TokenizedExample], keep: Sequence[int]) -> Sequence[TokenizedExample]:
+    """The examples `keep` of a view, in that order; a stored view (data/token_store.py) stays on disk."""
+    select = getattr(view, "select", None)
+    return select(keep) if select is not None else [view[i] for i in keep]
+
+
+def sequence_lengths(view: Sequence[TokenizedExample]) -> Sequence[int]:
+    """The input lengths of a view's examples; a stored view reads them off its offsets."""
+    lengths = getattr(view, "lengths", None)
+    return lengths() if lengths is not None else [len(e.input_ids) for e in view]
 
 
 CONTRAST_VIEWS = ("edit_other", "equiv_other", "unrel_other")
@@ -62,7 +75,13 @@ class TokenizedRecords:
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, texts: list[str], special: bool) -> list[list[int]]:
-    return tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and backend.truncation is None and backend.padding is None:
+        # the ids tokenizer(texts) returns, without building its per-text dicts (half the time at 155k records)
+        return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=special)]
+    return tokenizer(texts, add_special_tokens=special)["input_ids"]
 
 
 def _appends_eos(tokenizer: PreTrainedTokenizerBase) -> bool:
@@ -90,11 +109,11 @@ def _drop_duplicate_space(tokenizer: PreTrainedTokenizerBase, answer_ids: list[i
 
 
 def _detach_leading_space(
-    tokenizer: PreTrainedTokenizerBase, prompt_ids: list[int], answer_ids: list[int]
+    space_ids: set[int], prompt_ids: list[int], answer_ids: list[int]
 ) -> tuple[list[int], list[int]]:
     """A lone space token that is really part of the text (e.g. SmolLM2's 'Ġ' before digits) is read, not
     predicted: it moves to the prompt side, so that no label asks for a bare space."""
-    if len(answer_ids) > 1 and _is_space(tokenizer, answer_ids[0]):
+    if len(answer_ids) > 1 and answer_ids[0] in space_ids:
         return prompt_ids + answer_ids[:1], answer_ids[1:]
     return prompt_ids, answer_ids
 
@@ -139,13 +158,15 @@ def tokenize_examples(
     for i, ids in zip(fallback, alone):
         answer_ids[i] = _drop_duplicate_space(tokenizer, ids)
 
+    # decoded once per distinct first answer token, not once per answer
+    space_ids = {t for t in {ids[0] for ids in answer_ids if ids} if _is_space(tokenizer, t)}
     examples = []
     for prompt, answer, prompt_part, answer_part in zip(prompts, answers, prompt_ids, answer_ids):
         if not answer or not answer_part:
             raise ValueError(f"answer {answer!r} (prompt {prompt!r}) tokenises to zero tokens")
         if not prompt_part:
             raise ValueError(f"prompt {prompt!r} tokenises to zero tokens")
-        examples.append(_example(*_detach_leading_space(tokenizer, prompt_part, answer_part), stop_id))
+        examples.append(_example(*_detach_leading_space(space_ids, prompt_part, answer_part), stop_id))
     return examples
 
 
@@ -190,14 +211,16 @@ def tokenize_records(
 
 def overlong(tokenized: TokenizedRecords, max_tokens: int) -> list[int]:
     """Indices of records any of whose sequences is longer than `max_tokens` (the model's positions)."""
-    views = tokenized.all_views()
-    return [i for i in range(len(tokenized.edit)) if any(len(v[i].input_ids) > max_tokens for v in views)]
+    if not len(tokenized.edit):
+        return []
+    longest = np.max([np.asarray(sequence_lengths(view)) for view in tokenized.all_views()], axis=0)
+    return np.flatnonzero(longest > max_tokens).tolist()
 
 
 def select_records(tokenized: TokenizedRecords, keep: Sequence[int]) -> TokenizedRecords:
     """The records `keep` (in that order), every view."""
     return TokenizedRecords(
-        *([getattr(tokenized, v)[i] for i in keep] for v in VIEWS),
+        *(take(getattr(tokenized, v), keep) for v in VIEWS),
         contrast=tokenized.contrast.select(keep) if tokenized.contrast else None,
     )
 

@@ -6,20 +6,19 @@ in a cache; every later load reads that folder, which is fast and identical.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import huggingface_hub
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from horse_dist.fs import file_lock, user_cache
 from horse_dist.lm.export import plain_copy
 
 logger = logging.getLogger(__name__)
@@ -42,7 +41,7 @@ def resolve_smollm2_gguf() -> Path:
 
 def default_cache_root() -> Path:
     """Folder holding converted models (one ``<gguf stem>-<fingerprint>`` subfolder each)."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "horse_dist" / "models").expanduser()
+    return Path(os.environ.get(CACHE_ENV) or user_cache("models")).expanduser()
 
 
 def _fingerprint(path: Path, head_bytes: int = 1 << 20) -> str:
@@ -53,17 +52,6 @@ def _fingerprint(path: Path, head_bytes: int = 1 << 20) -> str:
     return digest.hexdigest()[:12]
 
 
-@contextmanager
-def _file_lock(path: Path):
-    # Ranks starting together convert once; the others wait and then read the cache.
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def converted_gguf_dir(gguf: str | Path, cache_dir: str | Path | None = None) -> Path:
     """The cached plain-HF copy of a .gguf file, converted (atomically) on first use."""
     gguf = Path(gguf).expanduser().resolve()
@@ -72,7 +60,7 @@ def converted_gguf_dir(gguf: str | Path, cache_dir: str | Path | None = None) ->
     if (target / "config.json").is_file():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f".{target.name}.lock"):
+    with file_lock(root / f".{target.name}.lock"):
         if (target / "config.json").is_file():
             return target
         logger.info("converting %s to a plain HF folder %s (once)", gguf, target)
