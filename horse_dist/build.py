@@ -61,13 +61,33 @@ class DataPools:
     eval: TokenizedRecords
 
 
+# `dir:split` picks a directory's files whose name holds the split, or a synonym of it
+SPLIT_NAMES = {"train": ("train",), "dev": ("dev", "val"), "validation": ("val", "dev"), "test": ("test",)}
+DATA_SUFFIXES = (".json", ".jsonl")
+
+
+def directory_files(folder: Path, split: str) -> list[Path]:
+    """A directory's data files (sorted): all of them, or with `split` those whose name holds it."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if split:
+        names = SPLIT_NAMES.get(split, (split,))
+        files = [p for p in files if any(name in p.stem.lower() for name in names)]
+    if not files:
+        listed = ", ".join(sorted(p.name for p in folder.iterdir())[:10]) or "nothing"
+        wanted = f"no .json/.jsonl file named for {split!r}" if split else "no .json/.jsonl file"
+        raise FileNotFoundError(f"{folder}: {wanted} (it holds {listed})")
+    return files
+
+
 def data_files(spec: str) -> list[Path]:
-    """The files a data path names: comma-separated parts, each a file, a glob (its matches, sorted) or a hub
-    dataset name; relative paths as resolve_path reads them."""
+    """The files a data path names: comma-separated parts, each a file, a glob (its matches, sorted), a
+    directory (its .json/.jsonl files) or `directory:split` (those named for the split: train, dev or
+    validation, test), or a hub dataset name[:split]; relative paths as resolve_path reads them."""
     files: list[Path] = []
     for part in (p.strip() for p in spec.split(",")):
         if not part:
             continue
+        folder, _, split = part.rpartition(":") if ":" in part else (part, "", "")
         if any(char in part for char in "*?["):
             pattern = os.path.expanduser(part)
             # relative to the working directory, else to the repository (bundled data), as resolve_path
@@ -75,6 +95,8 @@ def data_files(spec: str) -> list[Path]:
             if not matches:
                 raise FileNotFoundError(f"{part}: no data file matches")
             files.extend(map(Path, matches))
+        elif resolve_path(folder).is_dir():
+            files.extend(directory_files(resolve_path(folder), split))
         else:
             files.append(resolve_path(part))
     if not files:

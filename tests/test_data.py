@@ -572,6 +572,39 @@ def test_data_paths_take_lists_and_globs(tmp_path, monkeypatch):
         data_files("nope*.json")
 
 
+def test_data_paths_take_directories_and_their_splits(tmp_path, capsys):
+    from horse_dist import train
+    from horse_dist.build import data_files
+    from horse_dist.cli import run_cli
+
+    rows = json.loads(ZSRE_HEAD.read_text())
+    folder = tmp_path / "zsre"
+    folder.mkdir()
+    names = ("zsre-train.jsonl", "zsre-dev.json", "zsre-test.json", "notes.txt")
+    for name, part in zip(names, (rows[:6], rows[6:9], rows[9:10], "about")):
+        text = json.dumps(part) if name.endswith(".json") else "\n".join(map(json.dumps, part))
+        (folder / name).write_text(text)
+    assert [p.name for p in data_files(str(folder))] == [
+        "zsre-dev.json",
+        "zsre-test.json",
+        "zsre-train.jsonl",
+    ]
+    assert [p.name for p in data_files(f"{folder}:train")] == ["zsre-train.jsonl"]
+    assert [p.name for p in data_files(f"{folder}:validation")] == [
+        "zsre-dev.json"
+    ]  # dev and validation alike
+    assert [p.name for p in data_files(f"{folder}:dev, {folder}:test")] == ["zsre-dev.json", "zsre-test.json"]
+    with pytest.raises(
+        FileNotFoundError, match=r"zsre: no \.json/\.jsonl file named for 'eval' \(it holds notes"
+    ):
+        data_files(f"{folder}:eval")
+    args = [f"data.train_path={folder}:eval", f"train.out_dir={tmp_path / 'runs'}", "tracking.enabled=false"]
+    with pytest.raises(SystemExit) as stop:  # as a user meets it: one line, exit 2
+        run_cli(train.main, [*args, "model.source=random:tiny_llama", "model.n_edit_layers=2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("error: ") and "named for 'eval'" in err[-1]
+
+
 def test_records_fingerprint_is_the_sha256_of_every_field_in_order():
     """Pinned to its first definition: checkpoints written before carry fingerprints made that way."""
     import dataclasses
