@@ -618,3 +618,74 @@ def test_records_fingerprint_is_the_sha256_of_every_field_in_order():
         digest.update("\x1f".join(dataclasses.astuple(record)).encode() + b"\x1e")
     assert records_fingerprint(records) == digest.hexdigest()
     assert records_fingerprint(records[::-1]) != digest.hexdigest()
+
+
+def _kilt_row(question, answer, alternatives, rephrases, title="T"):
+    """One line of MEND's original zsRE files (structured_zeroshot-*-new_annotated_final.jsonl)."""
+    provenance = [{"wikipedia_id": "1", "title": title, "start_paragraph_id": 6, "bleu_score": 0.95}]
+    return {
+        "id": f"id-{question}",
+        "input": question,
+        "output": [{"answer": answer, "provenance": provenance}],
+        "meta": {"template_questions": [question]},
+        "rephrases": rephrases + [question],
+        "prediction": "Trinity College",
+        "alternatives": alternatives,
+        "filtered_rephrases": rephrases + [question],
+    }
+
+
+def test_mends_original_zsre_files_are_read_with_mends_filter_and_paired_locality(tmp_path, caplog):
+    rows = [
+        _kilt_row(
+            "What university did Watts Humphrey attend?",
+            "Illinois Institute of Technology",
+            ["Yale University", "University of Michigan"],
+            ["What university did Watts Humphrey take part in?"],
+            "Watts Humphrey",
+        ),
+        _kilt_row(
+            "Which river does the Elbe flow into?", "North Sea", ["Baltic Sea"], ["The Elbe flows into?"]
+        ),
+        _kilt_row("Who founded Nokia?", "Fredrik Idestam", [], ["Nokia was founded by?"]),  # no alternative
+        _kilt_row("What is the capital of Peru?", "Lima", ["Cusco"], []),  # no rephrase but the question
+        _kilt_row("Where is Pisa?", "Italy", ["Spain"], ["Pisa is located where?"]),
+    ]
+    path = tmp_path / "structured_zeroshot-dev-new_annotated_final.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert detect_format(rows[0], str(path)) == "zsre_kilt"
+    with caplog.at_level(logging.WARNING):
+        new = load_records(path, target="new")
+    assert "dropped 2 record(s): no true answer, alternative answer or filtered rephrase" in caplog.text
+    assert [(r.prompt, r.answer, r.rephrase) for r in new] == [
+        (rows[0]["input"], "Yale University", "What university did Watts Humphrey take part in?"),
+        (rows[1]["input"], "Baltic Sea", "The Elbe flows into?"),
+        (rows[4]["input"], "Spain", "Pisa is located where?"),
+    ]
+    # each record's unrelated prompt is the record n/2 further on, with its true answer
+    assert [(r.loc_prompt, r.loc_answer) for r in new] == [
+        (rows[1]["input"], "North Sea"),
+        (rows[4]["input"], "Italy"),
+        (rows[0]["input"], rows[0]["output"][0]["answer"]),
+    ]
+    assert new[0].subject == "Watts Humphrey" and new[0].other_answer == ""
+    true = load_records(path, target="true")  # true answers need no alternative: Nokia stays
+    assert [r.answer for r in true] == [
+        "Illinois Institute of Technology",
+        "North Sea",
+        "Fredrik Idestam",
+        "Italy",
+    ]
+    rows[1]["output"] = "North Sea"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(
+        DataFormatError, match=r"record 1: field 'output': expected a non-empty list of objects"
+    ):
+        load_records(path)
+
+
+def test_the_config_offers_every_format_the_readers_know():
+    from horse_dist.config import CHOICES
+    from horse_dist.data import FORMATS, TARGETS
+
+    assert CHOICES["data.format"] == ("auto", *FORMATS) and set(CHOICES["data.target"]) == set(TARGETS)

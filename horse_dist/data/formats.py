@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable
@@ -12,7 +13,7 @@ from horse_dist.data.records import DataFormatError, EditRecord, first_few
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("zsre_mend", "zsre_malmen", "counterfact_rome", "counterfact_flat")
+FORMATS = ("zsre_mend", "zsre_malmen", "zsre_kilt", "counterfact_rome", "counterfact_flat")
 TARGETS = ("true", "new")  # edit toward the true object (MALMEN/MEMIT) or the counterfactual (MEND/ROME)
 _FILE_SUFFIXES = (".json", ".jsonl")
 
@@ -105,6 +106,61 @@ def _parse_zsre_malmen(f: _Fields, target: str) -> tuple[EditRecord, str]:
     return _zsre(f, f.answer(key), key)
 
 
+class _Skip(Exception):
+    """A record the format's own rules leave out (dropped with a count, as MEND does), with the reason."""
+
+
+def _parse_zsre_kilt(f: _Fields, target: str) -> tuple[EditRecord, str]:
+    """MEND's original zsRE files (structured_zeroshot-*-new_annotated_final.jsonl, KILT layout): the
+    question `input`, its true answers `output[*].answer`, the QA model's other beams `alternatives` (MEND's
+    edit targets) and the back-translated rephrases it answers alike, `filtered_rephrases`. MEND draws a
+    random alternative and rephrase at every visit; here the first ones, so a pool is one fixed list. The
+    files hold no locality prompts: load_records pairs each record with another's question (MEND's training
+    split does so)."""
+    question = f.text("input")
+    outputs = f.get("output")
+    if not isinstance(outputs, list) or not outputs or not isinstance(outputs[0], dict):
+        raise f.error(
+            "output", f"expected a non-empty list of objects with an 'answer', got {outputs!r}"[:200]
+        )
+    first = _Fields(outputs[0], f.path, f.index, f"{f.prefix}output[0].")
+    true_answer = first.answer("answer")
+    rephrases = [r.strip() for r in f.get("filtered_rephrases") or [] if isinstance(r, str) and r.strip()]
+    rephrases = [r for r in rephrases if r != question]  # MEND removes the question itself
+    alternatives = [a.strip() for a in f.get("alternatives") or [] if isinstance(a, str) and a.strip()]
+    if not true_answer or not rephrases or (target == "new" and not alternatives):
+        raise _Skip("no true answer, alternative answer or filtered rephrase (MEND's filter)")
+    provenance = first.raw.get("provenance") or [{}]
+    subject = provenance[0].get("title", "") if isinstance(provenance[0], dict) else ""
+    key = "output[0].answer" if target == "true" else "alternatives[0]"
+    record = EditRecord(
+        prompt=question,
+        answer=true_answer if target == "true" else alternatives[0],
+        rephrase=rephrases[0],
+        loc_prompt=question,  # its own, until _pair_locality hands it to another record
+        loc_answer=true_answer,
+        subject=subject.strip() if isinstance(subject, str) else "",
+    )
+    return record, key
+
+
+def _pair_locality(records: list[EditRecord], name: str) -> list[EditRecord]:
+    """Record i's unrelated prompt: record (i + n/2) mod n's question with its true answer (zsre_kilt)."""
+    n = len(records)
+    if n < 2:
+        raise DataFormatError(
+            name, "a zsre_kilt file needs at least 2 records (each one's locality prompt is another's)"
+        )
+    return [
+        dataclasses.replace(
+            r,
+            loc_prompt=records[(i + n // 2) % n].loc_prompt,
+            loc_answer=records[(i + n // 2) % n].loc_answer,
+        )
+        for i, r in enumerate(records)
+    ]
+
+
 def _parse_counterfact_rome(f: _Fields, target: str) -> tuple[EditRecord, str]:
     rewrite = f.nested("requested_rewrite")
     template, subject = rewrite.text("prompt"), rewrite.text("subject")
@@ -144,6 +200,7 @@ def _parse_counterfact_flat(f: _Fields, target: str) -> tuple[EditRecord, str]:
 _PARSERS: dict[str, Parser] = {
     "zsre_mend": _parse_zsre_mend,
     "zsre_malmen": _parse_zsre_malmen,
+    "zsre_kilt": _parse_zsre_kilt,
     "counterfact_rome": _parse_counterfact_rome,
     "counterfact_flat": _parse_counterfact_flat,
 }
@@ -162,6 +219,8 @@ def detect_format(record: dict, path: str) -> str:
         return "zsre_mend"
     if {"src", "ans"} <= keys:
         return "zsre_malmen"
+    if {"input", "output", "filtered_rephrases"} <= keys:
+        return "zsre_kilt"
     raise DataFormatError(
         path, f"cannot detect the format from keys {sorted(keys)}; pass fmt= one of {FORMATS}", index=0
     )
@@ -246,12 +305,17 @@ def load_records(
     parse = _PARSERS[fmt if fmt != "auto" else detected]
     records: list[EditRecord] = []
     dropped: list[int] = []
+    skipped: dict[str, list[int]] = {}
     for index, raw in enumerate(rows):
         if limit is not None and len(records) >= limit:
             break
         if not isinstance(raw, dict):
             raise DataFormatError(name, f"expected an object, got {_type_name(raw)}", index=index)
-        record, answer_field = parse(_Fields(raw, name, index), target)
+        try:
+            record, answer_field = parse(_Fields(raw, name, index), target)
+        except _Skip as skip:
+            skipped.setdefault(str(skip), []).append(index)
+            continue
         if record.answer:
             records.append(record)
         elif drop_empty_targets:
@@ -266,6 +330,12 @@ def load_records(
             target,
             first_few(dropped),
         )
+    for reason, indices in skipped.items():
+        logger.warning(
+            "%s: dropped %d record(s): %s: indices %s", name, len(indices), reason, first_few(indices)
+        )
+    if parse is _parse_zsre_kilt and records:
+        records = _pair_locality(records, name)
     _report_duplicates(records, name)
     return records
 
