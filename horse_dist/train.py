@@ -224,8 +224,8 @@ def plan_block_cache(
     elif not cache.fits(tokens, hidden, element):
         engine.block_cache = None
         log.warning(
-            "block-input cache off: %s (train.block_cache_gb; kept, it would store %.2f of their prompts "
-            "and serve almost no micro-batch)",
+            "block-input cache off: %s (train.block_cache_gb); a cache of that size would hold %.2f of "
+            "their prompts and serve almost no micro-batch",
             need,
             budget / need_gib,
         )
