@@ -17,7 +17,6 @@ import json
 import logging
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from tqdm import tqdm
 
 from horse_dist.build import build_engine, load_data, model_positions
 from horse_dist.checkpoint import atomic_write_text
-from horse_dist.config import ConfigError, RunConfig, flatten, load_config, print_config, split_cli
+from horse_dist.cli import job_config
+from horse_dist.config import ConfigError, RunConfig, flatten, print_config
 from horse_dist.data import TokenBatch, TokenizedExample, meta_batch_indices
 from horse_dist.editor.solve import choose_form
 from horse_dist.engine import EditBatches, EditEngine
@@ -479,9 +479,7 @@ def write_json(report: dict, path: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cli = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(cli.config_file, cli.overrides)
+    cli, cfg = job_config(argv)
     if cli.show_config:
         return print_config(cfg)
     report = run_bench(cfg)

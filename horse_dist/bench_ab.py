@@ -23,6 +23,7 @@ import torch
 
 from horse_dist.bench import edit_examples, step_indices, timed_edit, write_json
 from horse_dist.build import build_engine, load_data, model_positions
+from horse_dist.cli import setup_logging
 from horse_dist.config import ConfigError, load_config, print_config, split_cli
 
 log = logging.getLogger("horse_dist.bench_ab")
@@ -121,7 +122,7 @@ def format_ab(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = sys.argv[1:] if argv is None else argv
     if "-h" in args or "--help" in args:
         split_cli(["--help"])  # prints this module's docstring (the --variant usage) and the keys; exits 0

@@ -7,12 +7,13 @@ permission, or a run that diverged). `--debug` anywhere on the command line show
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from horse_dist.checkpoint import CheckpointError, RunFolderError
-from horse_dist.config import ConfigError
+from horse_dist.config import CommandLine, ConfigError, RunConfig, load_config, split_cli
 from horse_dist.data import DataFormatError
 from horse_dist.editor import RidgeSolveError
 from horse_dist.engine import DivergedError
@@ -30,6 +31,19 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 RUN_ERRORS: tuple[type[BaseException], ...] = (DivergedError, RidgeSolveError)
 BAD_INPUT_EXIT = 2
 SYSTEM_EXIT = 1
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """Every job's log: INFO and up on stderr, with time, level and module (a no-op once configured)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
+
+def job_config(argv: list[str] | None) -> tuple[CommandLine, RunConfig]:
+    """How a job that takes only the config starts: its log set up, its command line and resolved config."""
+    setup_logging()
+    cli = split_cli(sys.argv[1:] if argv is None else argv)
+    return cli, load_config(cli.config_file, cli.overrides)
 
 
 def one_line(err: BaseException) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from horse_dist.cli import setup_logging
 from horse_dist.config import ConfigError, load_config_with_extras, print_config, split_cli
 from horse_dist.data import DataFormatError, load_records, read_json, tokenize_example
 from horse_dist.engine import EditBatches, EditEngine
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from horse_dist.config import config_from_yaml
     from horse_dist.lm.export import check_export_target, save_edited_model
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cli = split_cli(sys.argv[1:] if argv is None else argv)
     overrides = cli.overrides
     _, extras = load_config_with_extras(cli.config_file, overrides, extras=EXTRAS)

@@ -17,6 +17,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+from horse_dist.cli import setup_logging
 from horse_dist.config import RunConfig, print_config, split_cli
 from horse_dist.data import TokenizedRecords, meta_batch_indices, shard_slice
 from horse_dist.engine import EditEngine
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from horse_dist.config import ConfigError, load_config_with_extras
     from horse_dist.signals import exit_on_sigterm
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     exit_on_sigterm()
     cli = split_cli(sys.argv[1:] if argv is None else argv)
     overrides = cli.overrides

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from horse_dist.checkpoint import RunFolderLock, atomic_write_text
+from horse_dist.cli import setup_logging
 from horse_dist.config import (
     ConfigError,
     RunConfig,
@@ -526,7 +527,7 @@ def run_in_folder(cfg: RunConfig, run_dir: Path, checkpoint_state: dict[str, Any
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """`[--config FILE] key=value ...` runs a stream; `compare RUN... [out=FILE]` tabulates and overlays runs."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     exit_on_sigterm()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["compare"]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from horse_dist.cli import setup_logging
 from horse_dist.compare import pareto_figure, state_points
 from horse_dist.config import ConfigError, flatten, load_config_with_extras, print_config, split_cli
 
@@ -184,7 +185,7 @@ def run_methods_sweep(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from horse_dist.signals import exit_on_sigterm
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     exit_on_sigterm()
     cli = split_cli(sys.argv[1:] if argv is None else argv)
     methods_arg = [o.split("=", 1)[1] for o in cli.overrides if o.startswith("methods=")]

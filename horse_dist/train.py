@@ -37,6 +37,7 @@ from horse_dist.checkpoint import (
     remove_orphans,
     set_rng_state,
 )
+from horse_dist.cli import setup_logging
 from horse_dist.config import (
     ConfigError,
     RunConfig,
@@ -543,7 +544,7 @@ def _run_local(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run the job; errors propagate (run_cli turns user errors into one line and exit code 2)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     exit_on_sigterm()
     cli = split_cli(sys.argv[1:] if argv is None else argv)
     cfg = load_config(cli.config_file, cli.overrides)

@@ -37,6 +37,7 @@ from horse_dist.checkpoint import (
     load_run_checkpoint,
     save_run_checkpoint,
 )
+from horse_dist.cli import setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
     from horse_dist.tracking import NullTracker, experiment_name, make_tracker, run_tags
     from horse_dist.train import train_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     os.environ.update(loop_config.get("env") or {})
     cfg = config_from_yaml(loop_config["config_yaml"], [])
     run_dir = Path(loop_config["run_dir"])

@@ -7,19 +7,16 @@ model.n_edit_layers layers) and prints the provenance as JSON.
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
 import torch
 
-from horse_dist.config import load_config, print_config, split_cli
+from horse_dist.cli import job_config
+from horse_dist.config import print_config
 from horse_dist.keystats.job import report_dict, run_job
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cli = split_cli(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(cli.config_file, cli.overrides)
+    cli, cfg = job_config(argv)
     if cli.show_config:
         return print_config(cfg)
     torch.set_num_threads(max(1, int(cfg.keystats.cpus_per_worker)))
