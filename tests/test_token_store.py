@@ -113,3 +113,15 @@ def test_scale_bench_reports_a_first_run_that_tokenises_and_a_restart_that_maps(
     assert report["data_rss_gb"] == pytest.approx(stored["peak_rss_gb"] - bundled["peak_rss_gb"], abs=1e-3)
     code = subprocess.run(command, cwd=REPO, capture_output=True, text=True)  # never reuses run folders
     assert code.returncode == 1 and "exists: choose another --out" in code.stderr
+
+
+def test_a_damaged_store_is_never_fatal_the_pool_is_tokenised_in_memory(tokenizer, tmp_path, caplog):
+    records = load_records(DATA / "zsre/zsre_mend_eval_head.json", target="new", limit=12)
+    stored_tokenize(tokenizer, records, None, tmp_path)
+    folder = tmp_path / token_store.store_key(records, tokenizer, None)
+    (folder / "equiv.ids.npy").write_bytes(b"\x93NUMPY truncated")
+    with caplog.at_level("WARNING"):
+        pool = stored_tokenize(tokenizer, records, None, tmp_path)
+    assert f"token store {folder} is unreadable" in caplog.text and not isinstance(pool.equiv, StoredView)
+    assert_same_view(pool.equiv, tokenize_records(tokenizer, records).equiv)
+    assert (folder / "meta.json").exists()  # left for the user to remove: nothing is deleted behind them

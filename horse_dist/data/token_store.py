@@ -201,7 +201,13 @@ def stored_tokenize(
                 save_pool(flat_views(tokenizer, records, stop_id, chunk), folder)
                 seconds = time.perf_counter() - started
                 log.info("tokenised %d records into %s in %.1fs", len(records), folder, seconds)
-    pool = load_pool(folder)
-    if len(pool.edit) != len(records):
-        raise ValueError(f"{folder}: holds {len(pool.edit)} records, expected {len(records)}")
+    try:
+        pool = load_pool(folder)
+        if len(pool.edit) != len(records):
+            raise ValueError(f"holds {len(pool.edit)} records, expected {len(records)}")
+    except (OSError, ValueError, EOFError) as err:  # damaged by hand or by a crash: a cache, never fatal
+        log.warning(
+            "token store %s is unreadable (%s); tokenising in memory (remove it to rebuild)", folder, err
+        )
+        return tokenize_records(tokenizer, records, stop_id)
     return pool
