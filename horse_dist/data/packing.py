@@ -235,7 +235,7 @@ def pack_shared_rows(examples: list[TokenizedExample], row_tokens: int) -> list[
 ROW_CANDIDATES = (64, 80, 96, 112, 128)
 ATTENTION_COST_PER_POSITION = 1 / 1200
 # Examples the row length is chosen on (2,000 prompts: 5 packings of 256 and one of 2,000, against 5 of
-# 2,000; the rows' cost within 0.3 % on zsRE's three views)
+# 2,000; the rows' cost within 0.9 % on zsRE's three views, docs/scaling.md)
 LENGTH_SAMPLE = 256
 
 
