@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tmp_tracking
 
 from horse_dist import evaluate, train
 from horse_dist.build import build_engine, load_data
@@ -128,6 +129,8 @@ def test_a_key_prior_run_trains_saves_and_evaluates_the_same(tiny_dir, tmp_path,
     )  # d_in of down_proj
     assert trained["untrained/ES"] > trained["unedited/ES"]
     assert all(torch.isfinite(torch.tensor(v)) for k, v in trained.items() if "/" in k)
-    again = evaluate.main([f"checkpoint={tmp_path / 'prior'}", "train.eval_live=false"])
+    again = evaluate.main(
+        [f"checkpoint={tmp_path / 'prior'}", "train.eval_live=false", *tmp_tracking(tmp_path)]
+    )
     assert again["edited/ES"] == pytest.approx(trained["edited/ES"], abs=1e-6)
     assert again["edited/loc_agreement"] == pytest.approx(trained["edited/loc_agreement"], abs=1e-6)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tmp_tracking
 
 from horse_dist import evaluate, train
 from horse_dist.build import DataPools
@@ -123,7 +124,9 @@ def test_a_run_reports_and_saves_its_best_validated_editor(tiny_dir, data_file, 
     for key, value in best["hypernet"].items():
         assert torch.equal(value, last["selection"]["hypernet"][key]), key
     # the run's final evaluation scored the selected editor: best.pt evaluates to the same numbers
-    again = evaluate.main([f"checkpoint={tmp_path / 'sel' / 'best.pt'}", "train.eval_untrained=false"])
+    again = evaluate.main(
+        [f"checkpoint={tmp_path / 'sel' / 'best.pt'}", "train.eval_untrained=false", *tmp_tracking(tmp_path)]
+    )
     assert again["edited/ES"] == pytest.approx(result["edited/ES"], abs=1e-6)
     assert again["edited/live_ES"] == pytest.approx(result["edited/live_ES"], abs=1e-6)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from run_helpers import tmp_tracking
 from transformers import AutoModelForCausalLM
 
 from horse_dist import edit, evaluate, train
@@ -154,7 +155,7 @@ def test_edit_export_reloads_in_plain_transformers_with_the_edited_predictions(t
 
 def test_evaluate_cli_matches_the_training_run_evaluation(tiny_overrides, tmp_path):
     trained = train.main(tiny_overrides(tmp_path, **{"train.steps": 2, "train.run_name": "ev"}))
-    again = evaluate.main([f"checkpoint={tmp_path / 'ev'}", "data.n_edits=16"])
+    again = evaluate.main([f"checkpoint={tmp_path / 'ev'}", "data.n_edits=16", *tmp_tracking(tmp_path)])
     for key in ("edited/ES", "edited/GS", "edited/LS", "unedited/ES", "edited/loc_agreement"):
         assert again[key] == pytest.approx(trained[key], abs=1e-6), key
 
