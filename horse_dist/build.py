@@ -88,6 +88,7 @@ def data_files(spec: str) -> list[Path]:
         if not part:
             continue
         folder, _, split = part.rpartition(":") if ":" in part else (part, "", "")
+        directory = resolve_path(folder)
         if any(char in part for char in "*?["):
             pattern = os.path.expanduser(part)
             # relative to the working directory, else to the repository (bundled data), as resolve_path
@@ -95,8 +96,8 @@ def data_files(spec: str) -> list[Path]:
             if not matches:
                 raise FileNotFoundError(f"{part}: no data file matches")
             files.extend(map(Path, matches))
-        elif resolve_path(folder).is_dir():
-            files.extend(directory_files(resolve_path(folder), split))
+        elif directory.is_dir():
+            files.extend(directory_files(directory, split))
         else:
             files.append(resolve_path(part))
     if not files:

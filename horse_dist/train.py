@@ -182,16 +182,11 @@ def check_resumed_data(saved: str, current: str, cfg: RunConfig, run_dir: Path) 
 
 
 def resolve_partitions(cfg: RunConfig, world: LocalWorld, state: dict | None) -> int:
-    """The training pool's partition count: the config's, else the resumed run's, else one per worker.
-    A resume keeps the count it started with (the meta-batches are a function of it); an explicit other
-    count is refused like any other change to them."""
+    """The training pool's partition count: the config's, else the resumed run's (the meta-batches are a
+    function of it; an explicit other count is refused by check_resume, data.partitions being in RESUME_FIXED;
+    checkpoints from before partitions drew from one), else one per worker."""
     saved = int(state.get("data_partitions", 1)) if state is not None else 0
     parts = cfg.data.partitions or saved or world.size
-    if saved and parts != saved:
-        raise ConfigError(
-            f"data.partitions={parts}: this run was trained with {saved} partitions (its meta-batches depend on "
-            f"it); resume with data.partitions={saved} or 0"
-        )
     if parts != world.size:
         log.info(
             "%d data partition(s) on %d worker(s): records move between workers across epochs",
