@@ -6,7 +6,7 @@ Builds the engine exactly as training does, runs `bench.warmup_steps` + `bench.s
 calls of `bench.edit_sizes` and `data.n_edits` facts (cache + predict + solve + apply into the weights, undone
 after each call), probes the dense matmul rate of the device before and after (the floor uses the faster),
 and writes a JSON report to `bench.out` and a table to stdout. Per phase: median seconds, FLOPs
-(horse_dist/flops.py), floor = FLOPs / probed rate, and the achieved fraction = Σ floor / Σ measured over
+(horse_dist/perf/flops.py), floor = FLOPs / probed rate, and the achieved fraction = Σ floor / Σ measured over
 the timed runs. Imports only torch, transformers,
 omegaconf, tqdm and numpy-level packages (no tracking, Ray or DeepSpeed), so it runs on a bare GPU box.
 """
@@ -23,28 +23,28 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from horse_dist.build import build_engine, load_data, model_positions
-from horse_dist.checkpoint import atomic_write_text
-from horse_dist.cli import job_config
+from horse_dist.cli import job_config, run_cli
 from horse_dist.config import ConfigError, RunConfig, flatten, print_config
 from horse_dist.data import TokenBatch, TokenizedExample, meta_batch_indices
 from horse_dist.editor.solve import choose_form
-from horse_dist.engine import EditBatches, EditEngine
-from horse_dist.flops import (
+from horse_dist.lm.export import apply_shifts_
+from horse_dist.lm.registry import ARCHITECTURES, layer_index
+from horse_dist.lm.shapes import LMShape
+from horse_dist.perf.flops import (
     EDIT_PHASES,
     PHASES,
     BatchShape,
     EditorShape,
-    LMShape,
     edit_flops,
     floor_seconds,
     meta_step_flops,
     phase_total,
 )
-from horse_dist.lm.export import apply_shifts_
-from horse_dist.lm.registry import ARCHITECTURES, layer_index
-from horse_dist.pipeline import PhaseTimer, synced_clock
-from horse_dist.tracking import peak_rss_gb
+from horse_dist.tracking.mlflow_run import peak_rss_gb
+from horse_dist.training.assembly import build_engine, load_data, model_positions
+from horse_dist.training.checkpoint import atomic_write_text
+from horse_dist.training.engine import EditBatches, EditEngine
+from horse_dist.training.hypernet_bank import PhaseTimer, synced_clock
 
 log = logging.getLogger("horse_dist.bench")
 
@@ -121,7 +121,7 @@ def token_counts(batches: list[TokenBatch]) -> dict[str, int]:
 
 
 def solve_forms(engine: EditEngine, n_rows: int) -> list[str]:
-    # One process: the pipeline's choice is choose_form (pipeline._solve_form forces primal only for W > 1).
+    # One process: the pipeline's choice is choose_form (hypernet_bank._solve_form forces primal only for W > 1).
     return [choose_form(n_rows, d_in, engine.cfg.method.solve_form) for d_in, _ in engine.shapes]
 
 
@@ -478,18 +478,20 @@ def write_json(report: dict, path: Path) -> Path:
     return atomic_write_text(json.dumps(report, indent=2), path)
 
 
+def publish(report: dict, cfg: RunConfig, table: str) -> dict:
+    """Both bench jobs' ending: the JSON report to bench.out, the table and the report's path to stdout."""
+    out = write_json(report, Path(cfg.bench.out).expanduser())
+    print(f"{table}\nreport: {out}")  # noqa: T201
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     cli, cfg = job_config(argv)
     if cli.show_config:
         return print_config(cfg)
     report = run_bench(cfg)
-    out = write_json(report, Path(cfg.bench.out).expanduser())
-    print(format_report(report))  # noqa: T201
-    print(f"report: {out}")  # noqa: T201
-    return report
+    return publish(report, cfg, format_report(report))
 
 
 if __name__ == "__main__":
-    from horse_dist.cli import run_cli
-
     run_cli(main)

@@ -17,14 +17,13 @@ import logging
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from horse_dist.bench import edit_examples, step_indices, timed_edit, write_json
-from horse_dist.build import build_engine, load_data, model_positions
-from horse_dist.cli import setup_logging
+from horse_dist.bench import edit_examples, publish, step_indices, timed_edit
+from horse_dist.cli import run_cli, setup_logging
 from horse_dist.config import ConfigError, load_config, print_config, split_cli
+from horse_dist.training.assembly import build_engine, load_data, model_positions
 
 log = logging.getLogger("horse_dist.bench_ab")
 
@@ -132,13 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
     if cli.show_config:
         return print_config(cfg)
     report = run_ab(variants, cli.config_file, cli.overrides)
-    out = write_json(report, Path(cfg.bench.out).expanduser())
-    print(format_ab(report))  # noqa: T201
-    print(f"report: {out}")  # noqa: T201
-    return report
+    return publish(report, cfg, format_ab(report))
 
 
 if __name__ == "__main__":
-    from horse_dist.cli import run_cli
-
     run_cli(main)

@@ -7,17 +7,17 @@ permission, or a run that diverged). `--debug` anywhere on the command line show
 
 from __future__ import annotations
 
-import logging
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from horse_dist.checkpoint import CheckpointError, RunFolderError
 from horse_dist.config import CommandLine, ConfigError, RunConfig, load_config, split_cli
 from horse_dist.data import DataFormatError
 from horse_dist.editor import RidgeSolveError
-from horse_dist.engine import DivergedError
 from horse_dist.lm.export import ExportTargetError
+from horse_dist.process import setup_logging
+from horse_dist.training.checkpoint import CheckpointError, RunFolderError
+from horse_dist.training.engine import DivergedError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
@@ -31,12 +31,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 RUN_ERRORS: tuple[type[BaseException], ...] = (DivergedError, RidgeSolveError)
 BAD_INPUT_EXIT = 2
 SYSTEM_EXIT = 1
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-
-
-def setup_logging() -> None:
-    """Every job's log: INFO and up on stderr, with time, level and module (a no-op once configured)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
 
 
 def job_config(argv: list[str] | None) -> tuple[CommandLine, RunConfig]:

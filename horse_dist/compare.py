@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
+    # here, not at the top: compare reads MLflow only, and the cli's error types import torch (~7 s)
     from horse_dist.cli import run_cli
 
     run_cli(main)

@@ -124,7 +124,7 @@ class TrainConfig:
     eval_new_tokens: int = 12
     eval_loc_tokens: int = 8
     eval_untrained: bool = True  # the final evaluation also scores the editor before meta-training
-    # model selection (horse_dist/selection.py): hold val_size training records out as a validation split,
+    # model selection (horse_dist/training/selection.py): hold val_size training records out as a validation split,
     # score the editor on val_batches x eval_n_edits of them every eval_every steps and report (and save as
     # <run>/best.pt) the best; 0: no split, the last step's editor is reported. The same records every time,
     # so editors are compared alike, but one batch of 64 zsRE edits differs from the next by up to 0.1 in ES

@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-from horse_dist.cli import setup_logging
-from horse_dist.config import ConfigError, load_config_with_extras, print_config, split_cli
-from horse_dist.data import DataFormatError, load_records, read_json, tokenize_example
-from horse_dist.engine import EditBatches, EditEngine
-from horse_dist.lm.passes import score_pass
+from horse_dist.cli import run_cli, setup_logging
+from horse_dist.config import ConfigError, config_from_yaml, load_config_with_extras, print_config, split_cli
+from horse_dist.data import DataFormatError, load_records, read_json
+from horse_dist.lm.export import check_export_target, save_edited_model
+from horse_dist.training.assembly import build_engine
+from horse_dist.training.checkpoint import load_checkpoint, resolve_checkpoint_path
+from horse_dist.training.edit_call import apply_edits
 
 log = logging.getLogger("horse_dist.edit")
 
@@ -50,37 +49,7 @@ def load_edit_requests(path: str | Path, target: str = "new") -> list[tuple[str,
     return requests
 
 
-def apply_edits(
-    engine: EditEngine, tokenizer, requests: list[tuple[str, str]]
-) -> tuple[list[torch.Tensor], dict[str, float]]:
-    """Cache + predict + solve for all requests at once; returns the shifts and timings."""
-    started = time.perf_counter()
-    examples = [tokenize_example(tokenizer, prompt, answer, engine.stop_id) for prompt, answer in requests]
-    batches = engine.micro_batches(examples)
-    hidden = engine.shared_hidden()  # the cache and scoring passes run the blocks below the edited ones once
-    cache = engine.cache(EditBatches(batches, [], [], len(requests)), hidden)
-    cached = time.perf_counter()
-    shifts = engine.predict(cache, learn_statistics=False).shifts
-    predicted = time.perf_counter()
-    logits = engine.resumed_logits(hidden)
-    success = score_pass(
-        engine.model, engine.hooks, batches, len(requests), shifts, None, logits, engine.stop_id
-    ).accuracy
-    timings = {
-        "cache_seconds": cached - started,
-        "predict_solve_seconds": predicted - cached,
-        "edit_seconds": predicted - started,
-        "edits_per_second": len(requests) / (predicted - started),
-        "edit_success": float(success.mean()),
-    }
-    return shifts, timings
-
-
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from horse_dist.build import build_engine
-    from horse_dist.checkpoint import load_checkpoint, resolve_checkpoint_path
-    from horse_dist.config import config_from_yaml
-    from horse_dist.lm.export import check_export_target, save_edited_model
 
     setup_logging()
     cli = split_cli(sys.argv[1:] if argv is None else argv)
@@ -124,6 +93,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    from horse_dist.cli import run_cli
-
     run_cli(main)

@@ -28,12 +28,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from horse_dist.checkpoint import RunFolderLock, atomic_write_text
-from horse_dist.cli import setup_logging
+from horse_dist.cli import run_cli, setup_logging
 from horse_dist.config import (
     ConfigError,
     RunConfig,
     SequentialConfig,
+    config_from_yaml,
     flatten,
     load_config,
     print_config,
@@ -41,14 +41,17 @@ from horse_dist.config import (
     to_yaml,
 )
 from horse_dist.data import TokenizedExample, TokenizedRecords, concat_records, micro_batches, select_records
-from horse_dist.editors import HYPERNET_METHODS, METHODS, Editor
 from horse_dist.generation.contrast import counterfact_scores
 from horse_dist.generation.decode import Continuations
 from horse_dist.generation.live import LiveEval, LiveRequests
+from horse_dist.lifelong.editors import HYPERNET_METHODS, METHODS, Editor, build_editor
+from horse_dist.lifelong.weight_stats import module_weight_stats, relative_change
+from horse_dist.lm.load import load_frozen_lm
 from horse_dist.lm.passes import PassResult, score_pass
-from horse_dist.signals import exit_on_sigterm
-from horse_dist.tracking import Tracker, experiment_name, make_tracker, run_tags
-from horse_dist.weight_stats import module_weight_stats, relative_change
+from horse_dist.process import exit_on_sigterm
+from horse_dist.tracking.mlflow_run import Tracker, experiment_name, make_tracker, run_tags
+from horse_dist.training.assembly import load_data, output_dir, pick_device, resolve_path
+from horse_dist.training.checkpoint import RunFolderLock, atomic_write_text, load_checkpoint
 
 log = logging.getLogger("horse_dist.sequential")
 
@@ -79,9 +82,6 @@ def check_sequential(seq: SequentialConfig) -> None:
 def prepare_config(config_file: str | None, overrides: list[str]) -> tuple[RunConfig, dict[str, Any] | None]:
     """The run's config, and the checkpoint state for hypernetwork methods. A checkpoint fixes the model
     (except its device) and the method; data, tracking, output and the stream come from this run's config."""
-    from horse_dist.build import resolve_path
-    from horse_dist.checkpoint import load_checkpoint
-    from horse_dist.config import config_from_yaml
 
     cfg = load_config(config_file, overrides)
     check_sequential(cfg.sequential)
@@ -422,7 +422,6 @@ def default_stream_name(cfg: RunConfig) -> str:
 
 def stream_pool(cfg: RunConfig, tokenizer: Any) -> tuple[list, TokenizedRecords]:
     """The records the stream draws from (cfg.sequential.pool), with their tokenised views."""
-    from horse_dist.build import load_data
 
     pools = load_data(cfg, tokenizer)
     if cfg.sequential.pool == "eval":
@@ -434,7 +433,6 @@ def stream_pool(cfg: RunConfig, tokenizer: Any) -> tuple[list, TokenizedRecords]
 
 def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a stream in its run folder, locked while it runs; returns the summary."""
-    from horse_dist.build import output_dir
 
     seq = cfg.sequential
     check_sequential(seq)
@@ -452,9 +450,6 @@ def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[
 
 def run_in_folder(cfg: RunConfig, run_dir: Path, checkpoint_state: dict[str, Any] | None) -> dict[str, Any]:
     """Load the model, build the editor, run the stream, write and log everything; returns the summary."""
-    from horse_dist.build import pick_device
-    from horse_dist.editors import build_editor
-    from horse_dist.lm.load import load_frozen_lm
 
     seq = cfg.sequential
     device = pick_device(cfg.model.device)
@@ -546,6 +541,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from horse_dist.cli import run_cli
-
     run_cli(main)

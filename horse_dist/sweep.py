@@ -21,9 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from horse_dist.cli import setup_logging
+from horse_dist import train
+from horse_dist.cli import run_cli, setup_logging
 from horse_dist.compare import pareto_figure, state_points
 from horse_dist.config import ConfigError, flatten, load_config_with_extras, print_config, split_cli
+from horse_dist.process import exit_on_sigterm
+from horse_dist.tracking.mlflow_run import experiment_name, make_tracker, run_tags
 
 log = logging.getLogger("horse_dist.sweep")
 
@@ -122,8 +125,6 @@ def run_methods_sweep(
     methods: list[str],
     knob: tuple[str, list[str]] | None = None,
 ) -> dict[str, Any]:
-    from horse_dist import train
-    from horse_dist.tracking import experiment_name, make_tracker, run_tags
 
     shared = [o for o in overrides if o.split("=", 1)[0] not in ("methods", "method", "knob")]
     cfg, _ = load_config_with_extras(config_file, shared, extras=())
@@ -183,7 +184,6 @@ def run_methods_sweep(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from horse_dist.signals import exit_on_sigterm
 
     setup_logging()
     exit_on_sigterm()
@@ -200,6 +200,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from horse_dist.cli import run_cli
-
     run_cli(main)

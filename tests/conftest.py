@@ -28,6 +28,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random Llama saved to disk (seed 0), one per test module."""
-    from horse_dist.tiny.models import save_tiny_model
+    from tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "llama", "llama", seed=0)

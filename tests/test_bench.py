@@ -8,16 +8,18 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from horse_dist import bench, flops
-from horse_dist.build import build_engine, load_data
+from horse_dist import bench
 from horse_dist.config import ConfigError, load_config
 from horse_dist.editor.metagrad import hypernet_vjp
 from horse_dist.editor.residual import residual
-from horse_dist.flops import BatchShape, EditorShape, LMShape
 from horse_dist.lm.answer_tail import tail_layout
 from horse_dist.lm.load import load_frozen_lm
 from horse_dist.lm.passes import cache_pass, loss_pass
 from horse_dist.lm.random_model import RANDOM_SHAPES
+from horse_dist.lm.shapes import LMShape
+from horse_dist.perf import flops
+from horse_dist.perf.flops import BatchShape, EditorShape
+from horse_dist.training.assembly import build_engine, load_data
 
 pytestmark = pytest.mark.bench
 

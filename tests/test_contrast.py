@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_RUN_OVERRIDES, build_tiny_model
 
-from horse_dist.build import build_engine, load_data
 from horse_dist.config import load_config
 from horse_dist.data import EditRecord, concat_records, select_records, tokenize_example, tokenize_records
 from horse_dist.data.formats import load_records
-from horse_dist.evaluate import evaluate_pool, format_table, live_eval_for
 from horse_dist.generation.contrast import (
     CONTRAST_METRICS,
     answer_nll,
@@ -20,8 +19,9 @@ from horse_dist.generation.contrast import (
     counterfact_scores,
     without_stop,
 )
-from horse_dist.tiny.models import TINY_RUN_OVERRIDES, build_tiny_model
-from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_sentencepiece_tokenizer
+from horse_dist.training.assembly import build_engine, load_data
+from horse_dist.training.evaluation import evaluate_pool, format_table, live_eval_for
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 CF_RECORD = load_records(DATA / "counterfact/counterfact_head.json", limit=1)[

@@ -538,10 +538,11 @@ def test_micro_batches_split_to_a_minimum_count():
 
 
 def test_evaluation_alone_tokenises_no_training_records():
-    from horse_dist.build import load_data
+    from tiny_models import TINY_RUN_OVERRIDES
+
     from horse_dist.config import load_config
-    from horse_dist.tiny.models import TINY_RUN_OVERRIDES
-    from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
+    from horse_dist.lm.tiny_tokenizers import build_sentencepiece_tokenizer
+    from horse_dist.training.assembly import load_data
 
     cfg, tokenizer = load_config(None, list(TINY_RUN_OVERRIDES)), build_sentencepiece_tokenizer()
     both, evaluation = load_data(cfg, tokenizer), load_data(cfg, tokenizer, train=False)
@@ -550,8 +551,8 @@ def test_evaluation_alone_tokenises_no_training_records():
 
 
 def test_data_paths_take_lists_and_globs(tmp_path, monkeypatch):
-    from horse_dist.build import _nonempty_records, data_files
     from horse_dist.config import load_config
+    from horse_dist.training.assembly import _nonempty_records, data_files
 
     rows = json.loads(ZSRE_HEAD.read_text())
     for name, part in (("a.json", rows[:5]), ("b.jsonl", rows[5:8])):
@@ -574,8 +575,8 @@ def test_data_paths_take_lists_and_globs(tmp_path, monkeypatch):
 
 def test_data_paths_take_directories_and_their_splits(tmp_path, capsys):
     from horse_dist import train
-    from horse_dist.build import data_files
     from horse_dist.cli import run_cli
+    from horse_dist.training.assembly import data_files
 
     rows = json.loads(ZSRE_HEAD.read_text())
     folder = tmp_path / "zsre"

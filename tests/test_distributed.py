@@ -21,9 +21,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from doc_commands import free_port, stop
 
-from horse_dist.checkpoint import load_checkpoint
 from horse_dist.config import REPO_ROOT, load_config
 from horse_dist.dist.world import TorchWorld
+from horse_dist.training.checkpoint import load_checkpoint
 
 # ---- TorchWorld semantics (fast: two gloo processes) ----------------------------------------------------
 
@@ -100,7 +100,7 @@ def test_zero3_param_offload_loads_and_matches_the_plain_model(tmp_path):
     """dist.offload_params=true (and block-level gathers): ZeRO-3 keeps each partition in host memory and gathers it per forward. On
     this CPU machine host and device are the same memory, so this checks the config and the load/forward path;
     the host-to-GPU traffic itself only exists on a GPU worker."""
-    from horse_dist.tiny.models import save_tiny_model
+    from tiny_models import save_tiny_model
 
     model_dir = save_tiny_model(tmp_path / "llama", "llama")
     mp.spawn(_offload_worker, args=(str(model_dir), str(tmp_path / "init"), str(tmp_path)), nprocs=1)
@@ -132,9 +132,10 @@ def test_cache_spill_keeps_values(tmp_path):
 
 
 def test_meta_step_same_with_spilled_cache(tmp_path):
-    from horse_dist.build import build_engine, load_data
+    from tiny_models import save_tiny_model
+
     from horse_dist.data import meta_batch_indices
-    from horse_dist.tiny.models import save_tiny_model
+    from horse_dist.training.assembly import build_engine, load_data
 
     model_dir = save_tiny_model(tmp_path / "llama", "llama")
     params = []
@@ -202,8 +203,8 @@ def assert_same_hypernet(a: dict, b: dict, initial: dict | None = None) -> None:
 @pytest.fixture(scope="module")
 def local_reference(tmp_path_factory, tiny_dir):
     """The one-process run every distributed run must reproduce."""
-    from horse_dist.build import build_engine
     from horse_dist.train import run_local
+    from horse_dist.training.assembly import build_engine
 
     out = tmp_path_factory.mktemp("runs")
     cfg = tiny_config(tiny_dir, out, "local", "data.partitions=2")  # a 2-worker run's meta-batches
@@ -214,7 +215,7 @@ def local_reference(tmp_path_factory, tiny_dir):
 
 @pytest.fixture(scope="module")
 def ray_w2_zero0(ray_cluster, tmp_path_factory, tiny_dir):
-    from horse_dist.dist.ray_launch import run_ray
+    from horse_dist.training.ray_trainer import run_ray
 
     out = tmp_path_factory.mktemp("runs")
     uri = f"sqlite:///{out / 'mlflow.db'}"  # relative to the driver: the workers get it made absolute
@@ -268,7 +269,7 @@ def test_ray_run_is_tracked_once_from_rank0(ray_w2_zero0):
 
 @pytest.mark.slow
 def test_ray_w2_zero3_matches_local(ray_cluster, local_reference, tmp_path, tiny_dir):
-    from horse_dist.dist.ray_launch import run_ray
+    from horse_dist.training.ray_trainer import run_ray
 
     # A 64-token budget gives the two workers different numbers of micro-batches at every step (2-4 each):
     # under ZeRO-3 they must still run the same number of passes, or the all-gathers never complete.
@@ -294,7 +295,7 @@ def test_block_cache_hits_every_pass_of_epoch_two_at_w2(ray_cluster, tmp_path, t
     pass of every worker resumes from its stored block inputs."""
     from mlflow import MlflowClient
 
-    from horse_dist.dist.ray_launch import run_ray
+    from horse_dist.training.ray_trainer import run_ray
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = tiny_config(
@@ -328,11 +329,11 @@ def _probe_loop(config: dict) -> None:
     """One W=2 worker: build the engine as train_worker does, then inspect caches, solves and partitions."""
     import ray.train
 
-    from horse_dist.build import build_engine, load_data
     from horse_dist.config import config_from_yaml
     from horse_dist.data import meta_batch_indices, shard_slice
     from horse_dist.dist.deepspeed_lm import partition_report
     from horse_dist.dist.world import TorchWorld
+    from horse_dist.training.assembly import build_engine, load_data
 
     cfg = config_from_yaml(config["yaml"], [])
     world = TorchWorld()
@@ -398,7 +399,7 @@ def test_sharding_is_real(ray_cluster, tmp_path, tiny_dir):
 
 @pytest.mark.slow
 def test_worker_killed_resumes_from_checkpoint(ray_cluster, ray_w2_zero0, tmp_path, tiny_dir):
-    from horse_dist.dist import ray_launch
+    from horse_dist.training import ray_trainer
 
     marker = tmp_path / "fault.marker"
     cfg = tiny_config(
@@ -411,13 +412,13 @@ def test_worker_killed_resumes_from_checkpoint(ray_cluster, ray_w2_zero0, tmp_pa
         "dist.max_failures=1",
     )
     env = {
-        ray_launch.FAULT_STEP_ENV: "2",
-        ray_launch.FAULT_MARKER_ENV: str(marker),
-        ray_launch.FAULT_DELAY_ENV: "3",  # > Ray Train's 2 s poll: step 1's report is registered
+        ray_trainer.FAULT_STEP_ENV: "2",
+        ray_trainer.FAULT_MARKER_ENV: str(marker),
+        ray_trainer.FAULT_DELAY_ENV: "3",  # > Ray Train's 2 s poll: step 1's report is registered
     }
-    ray_launch.run_ray(cfg, env=env)
+    ray_trainer.run_ray(cfg, env=env)
     assert marker.exists()  # the fault fired
-    log = (tmp_path / "fault" / ray_launch.ATTEMPTS_LOG).read_text().splitlines()
+    log = (tmp_path / "fault" / ray_trainer.ATTEMPTS_LOG).read_text().splitlines()
     first, second = (json.loads(line) for line in log)
     assert first["source"] == "none"
     # The restarted group found step 1 through ray.train.get_checkpoint() (and rank 0's step-2 file, written

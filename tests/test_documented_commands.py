@@ -114,7 +114,7 @@ def _test_refs(reason: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
-    from horse_dist.tiny.models import save_tiny_model
+    from tiny_models import save_tiny_model
 
     root = tmp_path_factory.mktemp("new_user")
     model = save_tiny_model(root / "tiny-llama", "llama", seed=0)
@@ -268,7 +268,7 @@ def test_the_sequential_block_runs_as_written(user, horse_run):
 @pytest.mark.xdist_group("ray")  # the worker that runs every Ray test, one at a time
 def test_the_ray_commands_run_as_written(tmp_path):
     """A local Ray started by the command itself in a fresh HOME (no token anywhere), then a Ray job."""
-    from horse_dist.tiny.models import save_tiny_model
+    from tiny_models import save_tiny_model
 
     model = save_tiny_model(tmp_path / "tiny-llama", "llama", seed=0)
     user = NewUser(tmp_path)

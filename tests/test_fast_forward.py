@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from tiny_models import TINY_ARCHS, TINY_RUN_OVERRIDES, build_tiny_model
 
-from horse_dist.build import build_engine, load_data
 from horse_dist.config import ConfigError, load_config
 from horse_dist.data import micro_batches, tokenize_examples
 from horse_dist.data.packing import (
@@ -30,8 +30,8 @@ from horse_dist.lm.fast_forward import (
 from horse_dist.lm.hooks import EditHooks
 from horse_dist.lm.passes import answer_logits, cache_pass, loss_pass, model_inputs, resumed_answer_logits
 from horse_dist.lm.registry import default_edit_modules, layer_index, module_shape
-from horse_dist.tiny.models import TINY_ARCHS, TINY_RUN_OVERRIDES, build_tiny_model
-from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
+from horse_dist.training.assembly import build_engine, load_data
 
 # Shared prefixes (rows share them when packed), a repeated prompt with another answer (its last prompt
 # token is an answer position, never shared), and a one-token prompt.

@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from horse_dist import edit, evaluate, train
-from horse_dist.checkpoint import (
+from horse_dist.cli import run_cli
+from horse_dist.training import loop
+from horse_dist.training.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     RunFolderLock,
@@ -26,7 +28,6 @@ from horse_dist.checkpoint import (
     load_run_checkpoint,
     save_run_checkpoint,
 )
-from horse_dist.cli import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HEAD_FILE = REPO_ROOT / "data/zsre/zsre_mend_eval_head.json"
@@ -175,7 +176,7 @@ def test_non_finite_steps_are_skipped_and_never_saved(tiny_dir, data_file, tmp_p
 
 def test_a_non_finite_checkpoint_is_refused_and_the_last_good_one_kept(tmp_path):
     good = {
-        "format": "horse_dist.checkpoint.v1",
+        "format": "horse_dist.training.checkpoint.v1",
         "step": 1,
         "hypernet": {"w": torch.ones(2)},
         "optimizer": None,
@@ -190,7 +191,7 @@ def test_a_non_finite_checkpoint_is_refused_and_the_last_good_one_kept(tmp_path)
 def test_keep_checkpoints_keeps_the_newest_n_as_hard_links(tmp_path):
     for step in range(1, 5):
         state = {
-            "format": "horse_dist.checkpoint.v1",
+            "format": "horse_dist.training.checkpoint.v1",
             "step": step,
             "hypernet": {"w": torch.full((2,), step)},
         }
@@ -363,9 +364,10 @@ def test_string_keys_take_yaml_words_verbatim():
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_overlong_records_are_dropped_with_a_count(arch, data_file, tmp_path, caplog, capsys):
     """Llama trained silently past its positions; GPT-2 died with an IndexError in its position embedding."""
-    from horse_dist.build import build_engine, load_data, model_positions
+    from tiny_models import save_tiny_model
+
     from horse_dist.config import load_config
-    from horse_dist.tiny.models import save_tiny_model
+    from horse_dist.training.assembly import build_engine, load_data, model_positions
 
     model_dir = save_tiny_model(tmp_path / arch, arch, seed=0)
     cfg = load_config(None, tiny_args(model_dir, data_file, tmp_path))
@@ -457,18 +459,18 @@ def test_resume_refuses_a_changed_training_file_unless_overridden(tiny_dir, data
 
 
 def test_run_folders_are_made_in_the_working_folder_never_in_the_checkout(tmp_path, monkeypatch):
-    from horse_dist import build
     from horse_dist.config import load_config
+    from horse_dist.training import assembly
 
     repo = tmp_path / "repo"
     (repo / "runs").mkdir(parents=True)  # a checkout whose runs/ exists (an earlier quick start)
-    monkeypatch.setattr(build, "REPO_ROOT", repo)
+    monkeypatch.setattr(assembly, "REPO_ROOT", repo)
     user = tmp_path / "user"
     user.mkdir()
     monkeypatch.chdir(user)
     cfg = load_config(None, ["train.run_name=mine"])
-    assert train.run_folder(cfg).resolve() == user / "runs" / "mine"
-    assert build.resolve_path("runs") == repo / "runs"  # inputs still fall back to the bundled files
+    assert loop.run_folder(cfg).resolve() == user / "runs" / "mine"
+    assert assembly.resolve_path("runs") == repo / "runs"  # inputs still fall back to the bundled files
 
 
 def test_resume_keeps_the_partition_count_it_started_with(tiny_dir, data_file, tmp_path, capsys):
@@ -492,9 +494,9 @@ def test_resume_keeps_the_partition_count_it_started_with(tiny_dir, data_file, t
     for key in uninterrupted:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=0, msg=key)
     auto = load_config(None, [])
-    assert train.resolve_partitions(auto, LocalWorld(), None) == 1  # one per worker
-    assert train.resolve_partitions(auto, LocalWorld(), {"data_partitions": 4}) == 4  # the checkpoint's
-    assert train.resolve_partitions(auto, LocalWorld(), {}) == 1  # checkpoints before partitions: one
+    assert loop.resolve_partitions(auto, LocalWorld(), None) == 1  # one per worker
+    assert loop.resolve_partitions(auto, LocalWorld(), {"data_partitions": 4}) == 4  # the checkpoint's
+    assert loop.resolve_partitions(auto, LocalWorld(), {}) == 1  # checkpoints before partitions: one
 
 
 def test_a_resume_maps_the_stored_tokens_instead_of_tokenising(

@@ -4,18 +4,18 @@ import math
 
 import pytest
 import torch
+from tiny_models import TINY_RUN_OVERRIDES, build_tiny_model
 
-from horse_dist.build import build_engine, load_data
 from horse_dist.config import load_config
 from horse_dist.data import tokenize_example, tokenize_examples
 from horse_dist.editor.losses import per_example_accuracy
-from horse_dist.evaluate import evaluate_pool, format_table, live_eval_for
 from horse_dist.generation import metrics
 from horse_dist.generation.decode import Continuations, greedy_continuations
 from horse_dist.generation.live import LIVE_METRICS, LiveEval, LiveRequests, prompt_ids
-from horse_dist.pipeline import HyperNetBank, untrained_bank
-from horse_dist.tiny.models import TINY_RUN_OVERRIDES, build_tiny_model
-from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_sentencepiece_tokenizer
+from horse_dist.training.assembly import build_engine, load_data
+from horse_dist.training.evaluation import evaluate_pool, format_table, live_eval_for
+from horse_dist.training.hypernet_bank import HyperNetBank, untrained_bank
 
 TINY = [*TINY_RUN_OVERRIDES, "data.eval_size=8", "train.eval_new_tokens=6", "train.eval_loc_tokens=4"]
 

@@ -37,8 +37,8 @@ def tiny_gpu_config(model_dir: Path, out_dir: Path, device: str, *extra: str):
 
 def one_meta_step(cfg) -> tuple[torch.Tensor, dict[str, float], object, object]:
     """The hypernetwork's flat parameters after one meta-step, the step's metrics, the engine and data pools."""
-    from horse_dist.build import build_engine, load_data
     from horse_dist.data import meta_batch_indices
+    from horse_dist.training.assembly import build_engine, load_data
 
     engine, tokenizer = build_engine(cfg)
     pools = load_data(cfg, tokenizer)
@@ -51,7 +51,7 @@ def one_meta_step(cfg) -> tuple[torch.Tensor, dict[str, float], object, object]:
 
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
-    from horse_dist.tiny.models import save_tiny_model
+    from tiny_models import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("gpu") / "llama", "llama")
 
@@ -86,10 +86,10 @@ def test_cuda_cache_spill_pages_layers_back(tiny_llama, tmp_path):
 
 
 def test_evaluate_and_edit_on_cuda(tiny_llama, tmp_path):
-    from horse_dist.build import build_engine, load_data
-    from horse_dist.edit import apply_edits
     from horse_dist.lm.export import apply_shifts_
     from horse_dist.lm.passes import score_pass
+    from horse_dist.training.assembly import build_engine, load_data
+    from horse_dist.training.edit_call import apply_edits
 
     cfg = tiny_gpu_config(
         tiny_llama, tmp_path, "cuda", "method.eta_init_mode=key_energy", "method.eta_init=6"
@@ -117,9 +117,9 @@ def test_torch_world_over_nccl_runs_a_meta_step(tiny_llama, tmp_path):
     meta-step through TorchWorld equals the local one."""
     import torch.distributed as dist
 
-    from horse_dist.build import build_engine, load_data
     from horse_dist.data import meta_batch_indices
     from horse_dist.dist.world import TorchWorld
+    from horse_dist.training.assembly import build_engine, load_data
 
     local, _, _, _ = one_meta_step(tiny_gpu_config(tiny_llama, tmp_path, "cuda"))
     dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)

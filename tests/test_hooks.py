@@ -4,14 +4,14 @@ import copy
 
 import pytest
 import torch
+from tiny_models import build_tiny_model
 
 from horse_dist.data import TokenBatch, collate, tokenize_example
 from horse_dist.editor.losses import per_example_ce
 from horse_dist.lm.hooks import EditHooks
 from horse_dist.lm.passes import answer_logits, cache_pass, loss_pass
 from horse_dist.lm.registry import default_edit_modules, module_shape, weight_delta
-from horse_dist.tiny.models import build_tiny_model
-from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
 PAIRS = [("The capital of France is", "Paris"), ("Who wrote Hamlet?", "William Shakespeare"), ("x", "y z")]
 

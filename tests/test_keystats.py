@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_model
 
 from horse_dist.config import load_config
-from horse_dist.keystats import KeyStats, accumulate_texts, build_corpus, plan_shards, run_job
 from horse_dist.keystats import job as job_module
-from horse_dist.keystats.accumulate import key_capture, token_counts
-from horse_dist.keystats.job import FAULT_AFTER_ENV, FAULT_MARKER_ENV, load_stats_file, plan_job
+from horse_dist.keystats.accumulate import KeyStats, accumulate_texts, key_capture, token_counts
+from horse_dist.keystats.corpus import build_corpus, plan_shards
+from horse_dist.keystats.job import FAULT_AFTER_ENV, FAULT_MARKER_ENV, load_stats_file, plan_job, run_job
 from horse_dist.lm.load import load_frozen_lm
-from horse_dist.tiny.models import save_tiny_model
 
 TEXTS = [
     "The capital of France is Paris",

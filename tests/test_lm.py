@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import huggingface_hub
 import pytest
 import torch
+from tiny_models import TINY_ARCHS, build_tiny_model, save_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
@@ -29,8 +30,7 @@ from horse_dist.lm import (
     weight_delta,
 )
 from horse_dist.lm.export import ExportTargetError
-from horse_dist.tiny.models import TINY_ARCHS, build_tiny_model, save_tiny_model
-from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
 HIDDEN = 64
 

@@ -5,10 +5,12 @@ import time
 
 import pytest
 import torch
+from tiny_models import build_tiny_model
 
 from horse_dist.config import RunConfig
 from horse_dist.data import EditRecord, load_records, tokenize_examples
 from horse_dist.editor.mose import frobenius_and_condition
+from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 from horse_dist.locate import (
     AlphaEditEditor,
     MemitEditor,
@@ -25,8 +27,6 @@ from horse_dist.locate import (
 from horse_dist.locate.layers import weight_OI
 from horse_dist.locate.prompts import subject_last_index
 from horse_dist.locate.values import FullPasses, TailPasses, use_tail_passes
-from horse_dist.tiny.models import build_tiny_model
-from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
 RECORDS = [
     EditRecord(

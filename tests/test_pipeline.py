@@ -6,7 +6,7 @@ import torch
 from horse_dist.config import MethodConfig
 from horse_dist.dist.world import LocalWorld
 from horse_dist.editor.residual import residual
-from horse_dist.pipeline import (
+from horse_dist.training.hypernet_bank import (
     HyperNetBank,
     meta_backward,
     predict_shifts,

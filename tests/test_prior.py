@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 from run_helpers import tmp_tracking
+from tiny_models import TINY_RUN_OVERRIDES
 
 from horse_dist import evaluate, train
-from horse_dist.build import build_engine, load_data
-from horse_dist.checkpoint import load_checkpoint
 from horse_dist.config import ConfigError, load_config
 from horse_dist.data import IGNORE_INDEX
 from horse_dist.editor.prior import layer_shift, prior_whitening, whiten_keys, whitened_shift_grad
-from horse_dist.tiny.models import TINY_RUN_OVERRIDES
+from horse_dist.training.assembly import build_engine, load_data
+from horse_dist.training.checkpoint import load_checkpoint
 
 N, D_IN, D_OUT = 7, 5, 3
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"

@@ -46,7 +46,7 @@ def test_a_stream_with_memory_applies_the_solve_of_all_its_edits_at_once():
 
 
 def test_with_a_key_prior_the_memory_in_whitened_space_applies_the_c0_solve_of_all_edits():
-    # editors.py: the memory takes whitened keys K W and the solve's own S' and applies W x its increment
+    # lifelong/editors.py: the memory takes whitened keys K W and the solve's own S' and applies W x its increment
     gen = torch.Generator().manual_seed(5)
     prior_keys_MI = torch.randn(300, D_IN, generator=gen, dtype=torch.float64) @ torch.randn(
         D_IN, D_IN, generator=gen, dtype=torch.float64

@@ -8,11 +8,11 @@ import torch
 from run_helpers import tmp_tracking
 
 from horse_dist import evaluate, train
-from horse_dist.build import DataPools
-from horse_dist.checkpoint import load_checkpoint
 from horse_dist.config import ConfigError, load_config
 from horse_dist.data import EditRecord, TokenizedExample, TokenizedRecords
-from horse_dist.selection import ModelSelection, hold_out_validation, validation_score
+from horse_dist.training.assembly import DataPools
+from horse_dist.training.checkpoint import load_checkpoint
+from horse_dist.training.selection import ModelSelection, hold_out_validation, validation_score
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
 

@@ -2,24 +2,23 @@
 edited cumulatively, weight statistics against float64 references, MLflow curves, and config errors."""
 
 import json
-import sys
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from tiny_models import build_tiny_model
 
 from horse_dist import sequential, train
 from horse_dist.config import ConfigError, load_config
 from horse_dist.data import EditRecord
-from horse_dist.edit import apply_edits
+from horse_dist.lifelong.weight_stats import norm_and_condition
 from horse_dist.lm.export import apply_shifts_
 from horse_dist.lm.passes import PassResult
-from horse_dist.tiny.models import build_tiny_model
-from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer
-from horse_dist.tracking import NullTracker
-from horse_dist.weight_stats import norm_and_condition
+from horse_dist.lm.tiny_tokenizers import build_sentencepiece_tokenizer
+from horse_dist.tracking.mlflow_run import NullTracker
+from horse_dist.training.edit_call import apply_edits
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
 DOWN = ["model.layers.2.mlp.down_proj", "model.layers.3.mlp.down_proj"]
@@ -251,14 +250,14 @@ def test_run_stream_refuses_a_stream_of_the_wrong_length():
 def test_hypernet_stream_equals_editing_one_step_at_a_time_by_hand(
     memory, checkpoint_dir, data_file, tmp_path
 ):
-    from horse_dist.build import build_engine
-    from horse_dist.checkpoint import load_checkpoint
     from horse_dist.data import tokenize_examples
     from horse_dist.editor.memory import RidgeMemory, remembered_step
-    from horse_dist.editors import build_editor
-    from horse_dist.engine import EditBatches
+    from horse_dist.lifelong.editors import build_editor
     from horse_dist.lm.load import load_frozen_lm
     from horse_dist.lm.registry import module_shape
+    from horse_dist.training.assembly import build_engine
+    from horse_dist.training.checkpoint import load_checkpoint
+    from horse_dist.training.engine import EditBatches
 
     overrides = _seq_overrides(checkpoint_dir, data_file, tmp_path, **{"sequential.ridge_memory": memory})
     cfg, state = sequential.prepare_config(None, overrides)
@@ -306,7 +305,7 @@ def test_hypernet_stream_equals_editing_one_step_at_a_time_by_hand(
 
 
 def test_a_key_prior_editor_streams_with_its_memory_in_whitened_space(tiny_dir, data_file, tmp_path):
-    from horse_dist.editors import build_editor
+    from horse_dist.lifelong.editors import build_editor
     from horse_dist.lm.load import load_frozen_lm
 
     prior_overrides = {
@@ -446,15 +445,6 @@ def test_a_stream_longer_than_the_pool_is_refused(checkpoint_dir, data_file, tmp
     )
     with pytest.raises(ConfigError, match="needs 34 distinct edits but the pool holds 32"):
         sequential.run(cfg, state)
-
-
-def test_locate_methods_without_their_packages_say_so(tiny_dir, monkeypatch):
-    from horse_dist.editors import build_editor
-
-    monkeypatch.setitem(sys.modules, "horse_dist.locate", None)  # as if that package had not landed
-    cfg = load_config(None, ["sequential.method=mose", f"model.source={tiny_dir}", "model.n_edit_layers=2"])
-    with pytest.raises(ConfigError, match="needs horse_dist.locate and horse_dist.keystats"):
-        build_editor(cfg, _tiny_model(), None)
 
 
 # ---- locate-then-edit methods (horse_dist.locate + horse_dist.keystats) ------------------------------------

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from horse_dist import train
-from horse_dist.checkpoint import load_checkpoint
 from horse_dist.config import load_config
+from horse_dist.training.checkpoint import load_checkpoint
 
 pytestmark = [
     pytest.mark.slow,

@@ -19,7 +19,7 @@ from horse_dist.data import (
     stored_tokenize,
     tokenize_records,
 )
-from horse_dist.tiny.tokenizers import build_bpe_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "data"

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer
 
 import horse_dist.data.tokenize as tokenize_module
 from horse_dist.data import IGNORE_INDEX, load_records, tokenize_example, tokenize_examples, tokenize_records
-from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
 ZSRE_HEAD = Path(__file__).resolve().parents[1] / "data" / "zsre" / "zsre_mend_eval_head.json"
 PAIRS = [

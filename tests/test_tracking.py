@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow import MlflowClient
+from tiny_models import save_tiny_model
 
 from horse_dist import compare, evaluate, train
-from horse_dist.checkpoint import atomic_write
 from horse_dist.config import ConfigError
-from horse_dist.signals import exit_on_sigterm
-from horse_dist.tiny.models import save_tiny_model
-from horse_dist.tracking import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
+from horse_dist.process import exit_on_sigterm
+from horse_dist.tracking.mlflow_run import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
+from horse_dist.training.checkpoint import atomic_write
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
 

@@ -9,11 +9,12 @@ from run_helpers import tmp_tracking
 from transformers import AutoModelForCausalLM
 
 from horse_dist import edit, evaluate, train
-from horse_dist.build import build_engine
-from horse_dist.checkpoint import RunFolderError, load_checkpoint
 from horse_dist.config import config_from_yaml
 from horse_dist.data import tokenize_example
 from horse_dist.lm.passes import answer_logits
+from horse_dist.training.assembly import build_engine
+from horse_dist.training.checkpoint import RunFolderError, load_checkpoint
+from horse_dist.training.edit_call import apply_edits
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
 
@@ -138,7 +139,7 @@ def test_edit_export_reloads_in_plain_transformers_with_the_edited_predictions(t
     state = load_checkpoint(tmp_path / "for_edit")
     engine, tokenizer = build_engine(config_from_yaml(state["config"], []))
     engine.bank.load_state_dict(state["hypernet"])
-    shifts, _ = edit.apply_edits(engine, tokenizer, [(r["prompt"], r["answer"]) for r in requests])
+    shifts, _ = apply_edits(engine, tokenizer, [(r["prompt"], r["answer"]) for r in requests])
     batches = engine.micro_batches([tokenize_example(tokenizer, r["prompt"], r["answer"]) for r in requests])
     reloaded = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     metadata = json.loads((out_dir / "edit_metadata.json").read_text())

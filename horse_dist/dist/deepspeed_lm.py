@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from horse_dist.lm.load import resolve_local
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +56,8 @@ class DeepSpeedLM:
 
 def local_model_dir(source: str) -> str:
     """A local HF folder for `source`: GGUF files and the SmolLM2 alias go through the converted cache."""
-    from horse_dist.lm.load import _resolve_local
 
-    local = _resolve_local(source, None, None)
+    local = resolve_local(source, None, None)
     return str(local) if local is not None else source
 
 

@@ -5,7 +5,7 @@ output on keys K changes by K S.
 
 One step's solve is S_t = (K_tᵀK_t + λI)⁻¹ K_tᵀD̂_t (solve.py), so its right-hand side is recovered from the
 shift it returned: K_tᵀD̂_t = (K_tᵀK_t + λI) S_t. The editor computes every step's K_t and D̂_t on the
-unedited weights W_0 (editors.py), so each D̂_t is the output change wanted from W_0, and the solve over
+unedited weights W_0 (lifelong/editors.py), so each D̂_t is the output change wanted from W_0, and the solve over
 steps 1..t is
 
     T_t = (Σ_s K_sᵀK_s + λI)⁻¹ Σ_s K_sᵀD̂_s

@@ -11,6 +11,8 @@ log_lambda is detached here: the meta-gradient for λ is analytic (metagrad.log_
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -48,33 +50,48 @@ def _cholesky(a: Tensor, name: str, lam: float, size_what: str) -> Tensor:
     return chol
 
 
-class PrimalRidge:
-    """Cholesky factor of A = KᵀK + e^λ I (I×I), built from the globally summed gram KᵀK."""
+def _factor_with_ridge(m_MM: Tensor, log_lambda: Tensor, name: str, form: str) -> tuple[Tensor, float]:
+    """(Cholesky factor of m + e^λ I, e^λ); `m_MM` is a fresh matrix and gets the ridge in place."""
+    lam = _ridge_strength(log_lambda, name)
+    m_MM.diagonal().add_(lam)
+    return _cholesky(m_MM, name, lam, f"{m_MM.shape[0]}x{m_MM.shape[0]} {form}"), lam
 
-    def __init__(self, chol_II: Tensor, ridge: float, name: str, out_dtype: torch.dtype) -> None:
-        self.chol_II = chol_II
-        self.ridge = ridge  # e^λ
-        self.name = name
-        self.out_dtype = out_dtype
+
+@dataclass
+class _RidgeFactor:
+    """`factor` checks its input and hands it, detached and in the solve dtype, to the form's `_build`."""
+
+    ridge: float  # e^λ
+    name: str
+    out_dtype: torch.dtype
+    INPUT = ""  # what the factored tensor is, for error messages
 
     @classmethod
     def factor(
         cls,
-        gram_II: Tensor,
+        rows: Tensor,
         log_lambda: Tensor,
         dtype: torch.dtype = torch.float32,
         name: str = "",
         *,
         out_dtype: torch.dtype = torch.float32,
-    ) -> PrimalRidge:
-        """Factor A = gram + e^λ I in `dtype` (fp32 default; fp64 for ill-conditioned grams)."""
-        _check_finite(gram_II, "gram KᵀK", name)
-        lam = _ridge_strength(log_lambda, name)
-        a_II = gram_II.to(dtype).clone()
-        a_II.diagonal().add_(lam)
-        return cls(
-            _cholesky(a_II, name, lam, f"{a_II.shape[0]}x{a_II.shape[0]} primal"), lam, name, out_dtype
-        )
+    ):
+        """Factor the form's system from `rows` in `dtype` (fp32 default; fp64 for ill-conditioned keys)."""
+        _check_finite(rows, cls.INPUT, name)
+        return cls._build(rows.detach().to(dtype), log_lambda, name, out_dtype)
+
+
+@dataclass
+class PrimalRidge(_RidgeFactor):
+    """Cholesky factor of A = KᵀK + e^λ I (I×I), built from the globally summed gram KᵀK (`factor(gram_II, ...)`)."""
+
+    chol_II: Tensor
+    INPUT = "gram KᵀK"
+
+    @classmethod
+    def _build(cls, gram_II: Tensor, log_lambda: Tensor, name: str, out_dtype: torch.dtype) -> PrimalRidge:
+        chol_II, lam = _factor_with_ridge(gram_II.clone(), log_lambda, name, "primal")
+        return cls(lam, name, out_dtype, chol_II)
 
     def solve(self, rhs_IO: Tensor) -> Tensor:
         """A⁻¹ rhs, returned in out_dtype (float32 by default)."""
@@ -86,34 +103,19 @@ class PrimalRidge:
         return self.solve(keys_T_delta_IO)
 
 
-class DualRidge:
-    """Cholesky factor of B = KKᵀ + e^λ I_N (N×N) plus the keys; all key rows must be local."""
+@dataclass
+class DualRidge(_RidgeFactor):
+    """Cholesky factor of B = KKᵀ + e^λ I_N (N×N) plus the keys (`factor(keys_NI, ...)`); all key rows must be
+    local."""
 
-    def __init__(self, keys_NI: Tensor, chol_NN: Tensor, ridge: float, name: str, out_dtype: torch.dtype):
-        self.keys_NI = keys_NI
-        self.chol_NN = chol_NN
-        self.ridge = ridge  # e^λ
-        self.name = name
-        self.out_dtype = out_dtype
+    keys_NI: Tensor
+    chol_NN: Tensor
+    INPUT = "keys"
 
     @classmethod
-    def factor(
-        cls,
-        keys_NI: Tensor,
-        log_lambda: Tensor,
-        dtype: torch.dtype = torch.float32,
-        name: str = "",
-        *,
-        out_dtype: torch.dtype = torch.float32,
-    ) -> DualRidge:
-        """Factor B = K Kᵀ + e^λ I_N in `dtype`."""
-        _check_finite(keys_NI, "keys", name)
-        lam = _ridge_strength(log_lambda, name)
-        k_NI = keys_NI.detach().to(dtype)
-        b_NN = k_NI @ k_NI.T
-        b_NN.diagonal().add_(lam)
-        chol = _cholesky(b_NN, name, lam, f"{b_NN.shape[0]}x{b_NN.shape[0]} dual")
-        return cls(k_NI, chol, lam, name, out_dtype)
+    def _build(cls, keys_NI: Tensor, log_lambda: Tensor, name: str, out_dtype: torch.dtype) -> DualRidge:
+        chol_NN, lam = _factor_with_ridge(keys_NI @ keys_NI.T, log_lambda, name, "dual")
+        return cls(lam, name, out_dtype, keys_NI, chol_NN)
 
     def solve(self, rhs_IO: Tensor) -> Tensor:
         """A⁻¹ rhs = (rhs − Kᵀ B⁻¹ K rhs) / e^λ (Woodbury), returned in out_dtype."""

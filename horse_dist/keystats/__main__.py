@@ -10,7 +10,7 @@ import json
 
 import torch
 
-from horse_dist.cli import job_config
+from horse_dist.cli import job_config, run_cli
 from horse_dist.config import print_config
 from horse_dist.keystats.job import report_dict, run_job
 
@@ -27,6 +27,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from horse_dist.cli import run_cli
-
     run_cli(main)

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from transformers import PreTrainedTokenizerBase
 
+from horse_dist.lm.registry import module_shape
+
 ACCUM_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -54,7 +56,6 @@ def accum_dtype(name: str) -> torch.dtype:
 
 
 def empty_stats(model: nn.Module, module_names: Sequence[str], dtype: torch.dtype) -> dict[str, KeyStats]:
-    from horse_dist.lm.registry import module_shape
 
     device = next(model.parameters()).device  # sums live beside the keys (a GPU sums on the GPU)
     stats = {}

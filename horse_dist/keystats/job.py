@@ -30,11 +30,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from horse_dist.checkpoint import atomic_torch_save, atomic_write_text
 from horse_dist.config import RunConfig
+from horse_dist.dist.ray_cluster import ensure_ray
 from horse_dist.keystats.accumulate import KeyStats, accum_dtype, accumulate_texts, token_counts
 from horse_dist.keystats.corpus import Corpus, Shard, build_corpus, plan_shards, shards_json
-from horse_dist.tracking import git_commit
+from horse_dist.lm.load import load_frozen_lm, resolve_device, resolve_local
+from horse_dist.lm.registry import layer_index, resolve_edit_modules
+from horse_dist.tracking.mlflow_run import git_commit
+from horse_dist.training.checkpoint import atomic_torch_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +105,8 @@ def folder_fingerprint(folder: Path, memo_path: Path) -> str:
 
 def resolve_model(source: str, cache_dir: Path) -> tuple[str, str, bool]:
     """(location to load from, fingerprint, is_local) of a model source (alias, local folder/.gguf, hub id)."""
-    from horse_dist.lm.load import _resolve_local
 
-    local = _resolve_local(source, None, None)
+    local = resolve_local(source, None, None)
     if local is None:
         return source, f"hub:{source}", False  # no revision is known: the id is all we have
     return str(local), folder_fingerprint(Path(local), cache_dir / "fingerprints.json"), True
@@ -123,7 +125,6 @@ def load_tokenizer(location: str, is_local: bool):
 def resolve_module_names(location: str, names: Sequence[str], n_last: int, model=None) -> list[str]:
     """Explicit names validated, or the architecture's default last `n_last` layers, on a weightless (meta)
     copy of the model unless a loaded one is given."""
-    from horse_dist.lm.registry import resolve_edit_modules
 
     if model is None:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -191,8 +192,6 @@ class ShardWorker:
             torch.set_num_threads(threads)
         self.settings = settings
         if model is None:
-            from horse_dist.lm.load import load_frozen_lm, resolve_device
-
             model, tokenizer = load_frozen_lm(
                 settings["model_location"], settings["model_dtype"], str(resolve_device(settings["device"]))
             )
@@ -293,8 +292,6 @@ def run_ray(
     import ray
     from ray.exceptions import RayActorError
 
-    from horse_dist.dist.ray_launch import ensure_ray
-
     started = time.perf_counter()
     ensure_ray()
     ks = cfg.keystats
@@ -385,7 +382,6 @@ def _version() -> str:
 
 
 def provenance(plan: JobPlan, cfg: RunConfig, n_tokens: int, timings: dict[str, float]) -> dict[str, Any]:
-    from horse_dist.lm.registry import layer_index
 
     return {
         **plan.spec,

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from horse_dist.fs import file_lock, user_cache
 from horse_dist.lm.export import plain_copy
+from horse_dist.lm.random_model import load_random_lm
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or source.endswith(".gguf") or source.count("/") > 1
 
 
-def _resolve_local(source: str, gguf_file: str | None, cache_dir: str | Path | None) -> Path | None:
+def resolve_local(source: str, gguf_file: str | None, cache_dir: str | Path | None) -> Path | None:
     """A local HF folder for ``source``, or None when ``source`` is a hub id."""
     if source == SMOLLM2_ALIAS:
         return converted_gguf_dir(resolve_smollm2_gguf(), cache_dir)
@@ -141,10 +142,8 @@ def load_frozen_lm(
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     if source.startswith("random:"):  # random weights of a known shape, for timing (lm/random_model.py)
-        from horse_dist.lm.random_model import load_random_lm
-
         return load_random_lm(source.removeprefix("random:"), DTYPES[dtype], resolve_device(device))
-    local = _resolve_local(source, gguf_file, cache_dir)
+    local = resolve_local(source, gguf_file, cache_dir)
     if local is None and huggingface_hub.constants.HF_HUB_OFFLINE:
         raise _hub_error(source, "the hub is unreachable: offline mode (HF_HUB_OFFLINE) is set")
     model, tokenizer = _load_pair(local or source, local is None, DTYPES[dtype], gguf_file)

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from horse_dist.flops import LMShape
-from horse_dist.tiny.tokenizers import build_sentencepiece_tokenizer, default_corpus
+from horse_dist.lm.shapes import LMShape
+from horse_dist.lm.tiny_tokenizers import build_sentencepiece_tokenizer, default_corpus
 
 log = logging.getLogger(__name__)
 

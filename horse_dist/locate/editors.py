@@ -39,6 +39,9 @@ DEFAULT_LAMBDA = {"mose": 10.0, "memit": 15000.0, "alphaedit": 10.0}
 
 
 class Editor(Protocol):
+    """Any sequential editor (these and lifelong/editors.py's hypernetworks): changes the model's weights in
+    place, one batch of edits per call, starting from the weights as they are now."""
+
     name: str
     module_names: list[str]  # every weight it may change
 

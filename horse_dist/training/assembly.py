@@ -23,11 +23,12 @@ from horse_dist.data import (
     stored_tokenize,
     train_eval_split,
 )
+from horse_dist.dist.deepspeed_lm import load_frozen_lm_deepspeed
 from horse_dist.dist.world import LocalWorld
-from horse_dist.engine import EditEngine
 from horse_dist.fs import user_cache
 from horse_dist.lm.load import load_frozen_lm
 from horse_dist.lm.registry import resolve_edit_modules
+from horse_dist.training.engine import EditEngine
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,6 @@ def build_engine(cfg: RunConfig, world: LocalWorld | None = None) -> tuple[EditE
     if cfg.dist.backend == "ray":
         # A distributed worker: the frozen LM under DeepSpeed ZeRO (stage from cfg.dist), forward through
         # engine.module. Imported lazily: deepspeed takes seconds to import and local runs never need it.
-        from horse_dist.dist.deepspeed_lm import load_frozen_lm_deepspeed
 
         ds_lm = load_frozen_lm_deepspeed(
             cfg.model.source,

@@ -15,14 +15,18 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
+from horse_dist.config import config_from_yaml
+from horse_dist.data import tokenize_example
+from horse_dist.lm.passes import score_pass
+from horse_dist.training.assembly import build_engine
+from horse_dist.training.checkpoint import load_checkpoint
+from horse_dist.training.edit_call import apply_edits
+
 REQUIRED_COLUMNS = ("prompt", "answer")
 
 
 class HyperNetEditorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from horse_dist.build import build_engine
-        from horse_dist.checkpoint import load_checkpoint
-        from horse_dist.config import config_from_yaml
 
         state = load_checkpoint(context.artifacts["checkpoint"])
         cfg = config_from_yaml(state["config"], ["tracking.enabled=false"])
@@ -32,9 +36,6 @@ class HyperNetEditorModel(mlflow.pyfunc.PythonModel):
     def predict(
         self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
-        from horse_dist.data import tokenize_example
-        from horse_dist.edit import apply_edits
-        from horse_dist.lm.passes import score_pass
 
         missing = [c for c in REQUIRED_COLUMNS if c not in model_input.columns]
         if missing:

@@ -1,11 +1,21 @@
-"""SIGTERM (pod deletion, `ray job stop`, `kill`) as a clean exit that never cuts a checkpoint write in half."""
+"""What every process of a job sets up: its log, and SIGTERM (pod deletion, `ray job stop`, `kill`) as a clean
+exit that never cuts a checkpoint write in half."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """Every job's log: INFO and up on stderr, with time, level and module (a no-op once configured)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
 
 _pending: list[int] = []  # signals that arrived inside a deferred block
 _deferring = 0  # nesting depth of sigterm_deferred blocks in the main thread

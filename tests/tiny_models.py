@@ -16,7 +16,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from horse_dist.tiny.tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
+from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 
 TINY_ARCHS = ("llama", "gpt2", "gptj", "mistral")
 _DEFAULT_TOKENIZER = {"llama": "sentencepiece", "mistral": "sentencepiece", "gpt2": "bpe", "gptj": "bpe"}

@@ -1,4 +1,4 @@
-"""Meta-training on a Ray cluster: a Ray Train `TorchTrainer` whose workers run `train_worker` (DESIGN §2).
+"""The training loop on a Ray cluster: a Ray Train `TorchTrainer` whose workers run `train_worker` (DESIGN §2).
 
     python -m horse_dist.train dist.backend=ray dist.num_workers=2 [dist.zero_stage=3] ...
 
@@ -31,13 +31,17 @@ from typing import Any
 
 import torch
 
-from horse_dist.checkpoint import (
+from horse_dist.config import config_from_yaml, to_yaml
+from horse_dist.dist.ray_cluster import ensure_ray
+from horse_dist.dist.world import TorchWorld
+from horse_dist.process import setup_logging
+from horse_dist.training.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
     load_run_checkpoint,
     save_run_checkpoint,
 )
-from horse_dist.cli import setup_logging
+from horse_dist.training.loop import owned_run_dir, run_tracked
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +143,6 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
     """The per-worker function Ray Train runs (module level so it pickles by reference)."""
     import ray.train
 
-    from horse_dist.config import config_from_yaml, flatten
-    from horse_dist.dist.world import TorchWorld
-    from horse_dist.tracking import NullTracker, experiment_name, make_tracker, run_tags
-    from horse_dist.train import train_worker
-
     setup_logging()
     os.environ.update(loop_config.get("env") or {})
     cfg = config_from_yaml(loop_config["config_yaml"], [])
@@ -157,45 +156,11 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
     if world.rank == 0:
         with (run_dir / ATTEMPTS_LOG).open("a") as handle:
             handle.write(json.dumps({"time": time.time(), **store.describe()}) + "\n")
-    tracker = NullTracker()
-    if world.rank == 0:
-        tracker = make_tracker(
-            cfg.tracking.enabled,
-            cfg.tracking.uri,
-            experiment_name(cfg),
-            cfg.train.run_name,
-            run_tags(cfg, world.size),
-            cfg.tracking,
-            parent_run_id=cfg.tracking.parent_run_id or None,
-        )
-        tracker.log_params(flatten(cfg))
-        tracker.log_artifact(run_dir / "config.yaml")
-    try:
-        train_worker(cfg, run_dir, world, tracker, store)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
-    tracker.finish()
-
-
-def ensure_ray() -> None:
-    """Attach to RAY_ADDRESS (a cluster, or the one a submitted job runs in), else start a local Ray."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("attaching to the Ray cluster at %s", address)
-        ray.init(address=address)
-    else:
-        log.info("no RAY_ADDRESS: starting a local Ray")
-        ray.init(include_dashboard=False)
+    run_tracked(cfg, run_dir, world, store)
 
 
 def run_ray(cfg, env: dict[str, str] | None = None) -> dict[str, float]:
     """Launch `train_worker` on cfg.dist.num_workers Ray Train workers; returns rank 0's results."""
-    from horse_dist.train import owned_run_dir
 
     cfg.tracking.uri = absolute_tracking_uri(cfg.tracking.uri)
     with owned_run_dir(cfg) as run_dir:  # the driver holds the folder's lock while the workers run
@@ -206,8 +171,6 @@ def _fit(cfg, run_dir: Path, env: dict[str, str] | None) -> dict[str, float]:
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from horse_dist.config import to_yaml
 
     ensure_ray()
     resources = {"CPU": float(os.environ.get(CPUS_ENV, "1"))}

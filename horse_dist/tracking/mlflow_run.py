@@ -16,8 +16,11 @@ import resource
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
+
+from horse_dist.config import TrackingConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +35,7 @@ class Tracker(Protocol):
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_figure(self, figure: Any, artifact_file: str) -> None: ...
-    def register_model(self, checkpoint: str | Path, name: str) -> None: ...
+    def register_model(self, save_model: Callable[[str], Path], name: str) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
@@ -54,7 +57,7 @@ class NullTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         pass
 
-    def register_model(self, checkpoint: str | Path, name: str) -> None:
+    def register_model(self, save_model: Callable[[str], Path], name: str) -> None:
         pass
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -238,21 +241,19 @@ class MLflowTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self._safely("log_figure", self.client.log_figure, self.run_id, figure, artifact_file)
 
-    def register_model(self, checkpoint: str | Path, name: str) -> None:
-        """Log the hypernetwork as an MLflow pyfunc model under `hypernetwork/` (MLmodel + the checkpoint) and
-        register it as a new version of `name`."""
+    def register_model(self, save_model: Callable[[str], Path], name: str) -> None:
+        """Log the model `save_model(folder)` writes into a temporary folder (the job's pyfunc model:
+        training/mlflow_model.py) under `hypernetwork/` and register it as a new version of `name`."""
         if self._broken:
             return
-        self._safely("log_model", self._log_pyfunc, Path(checkpoint))
+        self._safely("log_model", self._log_model, save_model)
         if self._broken:
             return
         self._safely("register_model", self._register, "hypernetwork", name)
 
-    def _log_pyfunc(self, checkpoint: Path) -> None:
-        from horse_dist.mlflow_model import save_pyfunc_model
-
+    def _log_model(self, save_model: Callable[[str], Path]) -> None:
         with tempfile.TemporaryDirectory(prefix="horse_dist_pyfunc_") as folder:
-            model_dir = save_pyfunc_model(checkpoint, folder)
+            model_dir = save_model(folder)
             self.client.log_artifacts(self.run_id, str(model_dir), "hypernetwork")
 
     def _register(self, artifact: str, name: str) -> None:
@@ -408,8 +409,6 @@ def make_tracker(
     if not enabled:
         return NullTracker()
     if settings is None:
-        from horse_dist.config import TrackingConfig
-
         settings = TrackingConfig()
     try:
         return MLflowTracker(

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from horse_dist.build import DataPools
 from horse_dist.config import ConfigError
 from horse_dist.data import TokenizedRecords, select_records, train_eval_split
+from horse_dist.training.assembly import DataPools
 
 BEST_NAME = "best.pt"
 TEACHER_FORCED_TERMS = ("ES", "GS", "loc_agreement")

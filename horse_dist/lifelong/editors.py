@@ -10,33 +10,29 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from horse_dist.build import engine_for
 from horse_dist.config import ConfigError, RunConfig
 from horse_dist.data import EditRecord, tokenize_examples
 from horse_dist.dist.world import LocalWorld
 from horse_dist.editor.memory import RidgeMemory, remembered_step
 from horse_dist.editor.prior import layer_shift
-from horse_dist.engine import EditBatches, EditEngine
+from horse_dist.keystats.job import load_or_compute_stats
 from horse_dist.lm.export import apply_shifts_
 from horse_dist.lm.registry import module_shape
+from horse_dist.locate import build_locate_editor, locate_module_names
+from horse_dist.locate.editors import METHODS as LOCATE_METHODS
+from horse_dist.locate.editors import Editor
+from horse_dist.training.assembly import engine_for
+from horse_dist.training.engine import EditBatches, EditEngine
 
 log = logging.getLogger(__name__)
 
 HYPERNET_METHODS = ("horse", "malmen")
-LOCATE_METHODS = ("mose", "memit", "alphaedit")
 METHODS = HYPERNET_METHODS + LOCATE_METHODS
-
-
-class Editor(Protocol):
-    name: str
-    module_names: list[str]  # the weights it changes
-
-    def edit(self, records: list[EditRecord]) -> dict[str, float]: ...  # in place; returns timings
 
 
 class HyperNetEditor:
@@ -126,16 +122,6 @@ def hypernet_editor(
 
 def locate_editor(cfg: RunConfig, model: nn.Module, tokenizer: Any) -> Editor:
     """MOSE / MEMIT from horse_dist.locate, with C0 per module it may change from horse_dist.keystats."""
-    try:  # lazily: these packages are optional for the hypernetwork methods
-        from horse_dist.keystats import load_or_compute_stats
-        from horse_dist.locate import build_locate_editor, locate_module_names
-    except ModuleNotFoundError as err:
-        if not (err.name or "").startswith(("horse_dist.locate", "horse_dist.keystats")):
-            raise
-        raise ConfigError(
-            f"sequential.method={cfg.sequential.method!r} needs horse_dist.locate and horse_dist.keystats, "
-            f"which this checkout does not have ({err})"
-        ) from None
     cfg.locate.method = cfg.sequential.method
     names = locate_module_names(cfg.locate, model)
     stats = load_or_compute_stats(cfg, cfg.model.source, names, model, tokenizer)

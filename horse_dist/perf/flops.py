@@ -22,7 +22,9 @@ Legend: N key rows (answer positions of the edit prompts), I = d_in, O = d_out, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from horse_dist.lm.shapes import LMShape
 
 PHASES = (
     "cache",
@@ -41,40 +43,6 @@ ADAM_FLOPS_PER_PARAM = 12  # moments, bias corrections, sqrt, division, update
 CLIP_FLOPS_PER_PARAM = 3  # squared norm (2) + scale (1)
 
 PhaseFlops = dict[str, dict[str, float]]  # phase -> dtype name -> FLOPs
-
-
-@dataclass(frozen=True)
-class LMShape:
-    """The shapes that set a decoder-only LM's FLOPs and parameter count."""
-
-    vocab: int
-    hidden: int
-    n_layers: int
-    intermediate: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    tied_embeddings: bool = False
-    gated_mlp: bool = True  # gate/up/down (Llama) rather than up/down (GPT-2)
-
-    @property
-    def query_width(self) -> int:
-        return self.n_heads * self.head_dim
-
-    def layer_matmul_params(self) -> int:
-        """Weights of one block's matmuls: q, k, v, o and the MLP (biases and norms left out)."""
-        kv = self.n_kv_heads * self.head_dim
-        attention = self.hidden * self.query_width * 2 + self.hidden * kv * 2
-        mlp = (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
-        return attention + mlp
-
-    def n_params(self) -> int:
-        """All parameters of a Llama-style model: embeddings, blocks with two RMSNorms, final norm, head."""
-        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-        return embeddings + self.n_layers * (self.layer_matmul_params() + 2 * self.hidden) + self.hidden
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -169,7 +137,7 @@ def spread_backward_flops(n_rows: int, d_out: int, n_layers: int, mode: str) -> 
 def solve_flops_by_dtype(n_rows: int, d_in: int, d_out: int, form: str, solve_dtype: str) -> dict[str, float]:
     """Gram + Cholesky (n³/3) + two triangular solves (2·n²·O) of the chosen form (editor/solve.py).
 
-    primal: KᵀK (2·N·I²) and KᵀD̂ (2·N·I·O) in float32 (pipeline.py), chol of I×I and the solve with O
+    primal: KᵀK (2·N·I²) and KᵀD̂ (2·N·I·O) in float32 (training/hypernet_bank.py), chol of I×I and the solve with O
             right-hand sides in the solve dtype.
     dual:   KKᵀ (2·N²·I), chol of N×N, the solve (2·N²·O) and Kᵀ(B⁻¹D̂) (2·N·I·O), all in the solve dtype.
     """

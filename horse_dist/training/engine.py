@@ -44,7 +44,7 @@ from horse_dist.lm.passes import (
     score_pass,
 )
 from horse_dist.lm.registry import layer_index, model_type, module_shape
-from horse_dist.pipeline import (
+from horse_dist.training.hypernet_bank import (
     HyperNetBank,
     PhaseTimer,
     Prediction,
@@ -292,29 +292,19 @@ class EditEngine:
             cache = self.cache(batches, sources["edit"])
         prediction = self.predict(cache, learn_statistics=True, timer=timer, keep_graph=True)
         shifts = [s.detach().clone().requires_grad_(True) for s in prediction.shifts]
-        with timer("generalisation"):
-            gen = loss_pass(
-                self.model,
-                self.hooks,
-                batches.equiv,
-                shifts,
-                batches.n_edits,
-                "ce",
-                1.0 / self.loss_scale,
-                self._loss_logits(sources["equiv"]),
-                self.stop_id,
+
+        def shifted_loss(micro: list[TokenBatch], objective: str, weight: float, source, unscored=None):
+            logits = self._loss_logits(source)
+            return loss_pass(
+                self.model, self.hooks, micro, shifts, batches.n_edits, objective, weight, logits, unscored
             )
-        with timer("locality"):
-            loc = loss_pass(
-                self.model,
-                self.hooks,
-                batches.unrel,
-                shifts,
-                batches.n_edits,
-                method.locality,
-                method.loc_coef / self.loss_scale,
-                self._loss_logits(sources["unrel"]),
-            )  # unrelated answers never end with the stop label
+
+        with timer("generalisation"):
+            gen = shifted_loss(batches.equiv, "ce", 1.0 / self.loss_scale, sources["equiv"], self.stop_id)
+        with timer("locality"):  # unrelated answers never end with the stop label: all their positions count
+            loc = shifted_loss(
+                batches.unrel, method.locality, method.loc_coef / self.loss_scale, sources["unrel"]
+            )
         grad_shifts = [s.grad if s.grad is not None else torch.zeros_like(s) for s in shifts]
         if self.bank.has_prior:  # ∂L/∂S' = Wᵀ ∂L/∂S
             grad_shifts = [whitened_shift_grad(g, self.bank.whitening(i)) for i, g in enumerate(grad_shifts)]
