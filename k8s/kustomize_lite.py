@@ -1,7 +1,6 @@
 """A small `kubectl kustomize` for the kustomizations in k8s/: resources, namespace, name prefix/suffix,
-JSON6902 patches, images and configMapGenerator (files and literals) - what these files use - and a clear
-error for anything else. The tests render every kustomization with it; without kubectl, it shows what a
-kustomization produces:
+JSON6902 patches and images (what these files use), and a clear error for anything else. The tests
+(tests/test_k8s.py) render every kustomization with it; without kubectl it shows what one produces:
 
     python k8s/kustomize_lite.py k8s/overlays/llama2-7b-8gpu
 """
