@@ -10,6 +10,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -326,6 +327,33 @@ def test_system_metrics_are_sampled_into_the_run(two_runs):
     assert (
         "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
     )
+
+
+def test_runs_start_as_mlflow_start_run_does_and_nest_only_under_their_parent(two_runs):
+    """Standard tags (source, user) come from mlflow.start_run; a child nests under its parent, and a second
+    job's run in the same thread while another is active is no child of it."""
+    uri = two_runs[0]
+    client = MlflowClient(uri)
+    parent = MLflowTracker(uri, "nesting", "parent", {"method": "horse"})
+    child = MLflowTracker(uri, "nesting", "child", {}, parent_run_id=parent.run_id)
+    assert mlflow.active_run().info.run_id == child.run_id  # nested on this thread's stack
+    child.finish()
+    beside = MLflowTracker(uri, "nesting", "beside", {})  # the parent is still active: created beside it
+    beside.finish("FAILED")
+    parent.finish()
+    assert mlflow.active_run() is None
+    runs = {r.info.run_name: r for r in client.search_runs([parent.experiment_id])}
+    assert {n: r.info.status for n, r in runs.items()} == {
+        "parent": "FINISHED",
+        "child": "FINISHED",
+        "beside": "FAILED",
+    }
+    for run in runs.values():
+        assert run.data.tags["mlflow.user"] and run.data.tags["mlflow.source.name"]
+        assert run.data.tags["git_commit"] == git_commit()
+    assert runs["child"].data.tags[PARENT_TAG] == parent.run_id
+    assert PARENT_TAG not in runs["beside"].data.tags and PARENT_TAG not in runs["parent"].data.tags
+    assert runs["parent"].data.tags["method"] == "horse"
 
 
 def test_a_real_mlflow_server_receives_a_run_over_http(tiny, server, tmp_path):

@@ -125,7 +125,8 @@ def _http_settings(timeout_s: float, retries: int) -> None:
 
 
 class MLflowTracker:
-    """One MLflow run (a child run when `parent_run_id` is given), through MlflowClient only."""
+    """One MLflow run (a child run when `parent_run_id` is given): started with `mlflow.start_run`, logged
+    through an MlflowClient bound to `uri`."""
 
     def __init__(
         self,
@@ -156,12 +157,16 @@ class MLflowTracker:
         else:
             location = artifact_location or _default_artifact_location(uri)
             experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        tags = {"git_commit": git_commit(), **tags}
-        if parent_run_id:
-            tags[PARENT_TAG] = parent_run_id
-        self.run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)
-        self.run_id = self.run.info.run_id
         self.experiment_id = experiment_id
+        self._fluent = False  # started by mlflow.start_run, so ended by mlflow.end_run
+        self.run = self._start_run(
+            {"git_commit": git_commit(), **tags},
+            run_name,
+            parent_run_id,
+            system_metrics,
+            system_metrics_interval_s,
+        )
+        self.run_id = self.run.info.run_id
         self._broken = False
         self._finished = False
         self.dropped = 0
@@ -170,9 +175,43 @@ class MLflowTracker:
         self._flush_timeout_s = flush_timeout_s
         self._thread = threading.Thread(target=self._drain, name="mlflow-metrics", daemon=True)
         self._thread.start()
-        self._monitor = None
-        if system_metrics:
-            self._start_system_metrics(system_metrics_interval_s)
+
+    def _start_run(
+        self,
+        tags: dict[str, str],
+        run_name: str,
+        parent_run_id: str | None,
+        system_metrics: bool,
+        system_metrics_interval_s: float,
+    ) -> Any:
+        """The run as MLflow's docs start one, `mlflow.start_run`: it adds the standard tags (mlflow.source.*,
+        mlflow.user, the git commit) and, with system metrics, runs MLflow's own monitor until `end_run`
+        (nested under the parent when the parent is this thread's active run). Metrics, params and
+        artifacts then go through `self.client`, metrics through the bounded queue. When another run of
+        this thread is active and is not the parent (two jobs in one process), the run is created beside it
+        with the client and the same standard tags instead."""
+        import mlflow
+        from mlflow.tracking.context.registry import resolve_tags
+
+        active = mlflow.active_run()
+        if active is None or (parent_run_id and active.info.run_id == parent_run_id):
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_registry_uri(self.uri)
+            if system_metrics:
+                mlflow.set_system_metrics_sampling_interval(system_metrics_interval_s)
+            run = mlflow.start_run(
+                experiment_id=self.experiment_id,
+                run_name=run_name,
+                tags=tags,
+                nested=active is not None,
+                parent_run_id=parent_run_id or None,
+                log_system_metrics=system_metrics,
+            )
+            self._fluent = True
+            return run
+        if parent_run_id:
+            tags = {**tags, PARENT_TAG: parent_run_id}
+        return self.client.create_run(self.experiment_id, run_name=run_name, tags=resolve_tags(tags))
 
     # -- helpers --------------------------------------------------------------------------------------
     def _safely(self, what: str, fn, *args, **kwargs) -> Any:
@@ -184,18 +223,6 @@ class MLflowTracker:
             self._broken = True
             log.warning("MLflow %s failed (%s); tracking disabled for the rest of this run", what, err)
             return None
-
-    def _start_system_metrics(self, interval_s: float) -> None:
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-            self._monitor = SystemMetricsMonitor(
-                self.run_id, sampling_interval=interval_s, tracking_uri=self.uri
-            )
-            self._monitor.start()
-        except Exception as err:
-            self._monitor = None
-            log.warning("MLflow system metrics unavailable (%s); continuing without them", err)
 
     def _drain(self) -> None:
         from mlflow.entities import Metric
@@ -277,11 +304,6 @@ class MLflowTracker:
         if self._finished:
             return
         self._finished = True
-        if self._monitor is not None:
-            try:
-                self._monitor.finish()
-            except Exception as err:
-                log.warning("MLflow system metrics did not stop cleanly (%s)", err)
         try:
             self._queue.put(_STOP, timeout=self._flush_timeout_s)
         except queue.Full:
@@ -304,7 +326,21 @@ class MLflowTracker:
             )
         if any(k in LOSS_KEYS for k in self.history):  # a training run (not an evaluation or sweep)
             self._log_loss_plot()
-        self._safely("end_run", self.client.set_terminated, self.run_id, status)
+        if self._broken and self._fluent:  # release this thread's active run; the store may still fail
+            try:
+                self._end_run(status)
+            except Exception as err:
+                log.warning("MLflow end_run failed (%s)", err)
+        self._safely("end_run", self._end_run, status)
+
+    def _end_run(self, status: str) -> None:
+        import mlflow
+
+        active = mlflow.active_run()
+        if self._fluent and active is not None and active.info.run_id == self.run_id:
+            mlflow.end_run(status)  # also stops MLflow's system metrics monitor of this run
+        else:
+            self.client.set_terminated(self.run_id, status)
 
     def _log_loss_plot(self) -> None:
         try:
