@@ -176,7 +176,7 @@ def test_non_finite_steps_are_skipped_and_never_saved(tiny_dir, data_file, tmp_p
 
 def test_a_non_finite_checkpoint_is_refused_and_the_last_good_one_kept(tmp_path):
     good = {
-        "format": "horse_dist.training.checkpoint.v1",
+        "format": "horse_dist.checkpoint.v1",
         "step": 1,
         "hypernet": {"w": torch.ones(2)},
         "optimizer": None,
@@ -191,7 +191,7 @@ def test_a_non_finite_checkpoint_is_refused_and_the_last_good_one_kept(tmp_path)
 def test_keep_checkpoints_keeps_the_newest_n_as_hard_links(tmp_path):
     for step in range(1, 5):
         state = {
-            "format": "horse_dist.training.checkpoint.v1",
+            "format": "horse_dist.checkpoint.v1",
             "step": step,
             "hypernet": {"w": torch.full((2,), step)},
         }

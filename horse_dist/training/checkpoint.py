@@ -135,7 +135,7 @@ def checkpoint_state(
     (data.records_fingerprint of the training pool) lets a resume refuse a changed pool."""
     return {
         "data_fingerprint": data_fingerprint,
-        "format": "horse_dist.training.checkpoint.v1",
+        "format": "horse_dist.checkpoint.v1",
         "hypernet": hypernet.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "step": step,
@@ -161,7 +161,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise CheckpointError(f"{path}: not a readable horse_dist checkpoint ({err})") from err
-    if not isinstance(state, dict) or state.get("format") != "horse_dist.training.checkpoint.v1":
+    if not isinstance(state, dict) or state.get("format") != "horse_dist.checkpoint.v1":
         raise CheckpointError(f"{path}: not a horse_dist checkpoint (missing format tag)")
     return state
 
