@@ -14,13 +14,14 @@ import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
+from safetensors import safe_open
 from tiny_models import save_tiny_model
 
 from horse_dist import compare, evaluate, train
 from horse_dist.config import ConfigError
 from horse_dist.process import exit_on_sigterm
 from horse_dist.tracking.mlflow_run import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
-from horse_dist.training.checkpoint import atomic_write
+from horse_dist.training.checkpoint import atomic_write, load_checkpoint
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
 
@@ -137,12 +138,20 @@ def test_a_local_run_logs_params_metrics_tags_artifacts_and_the_registered_model
     version = versions[run.info.run_id]
     assert version.source == f"{run.info.artifact_uri}/hypernetwork"
     assert run.data.tags["registered_model"] == f"{name}/{version.version}"
-    model_files = {a.path for a in client.list_artifacts(run.info.run_id, "hypernetwork")}
-    assert {"hypernetwork/MLmodel", "hypernetwork/artifacts"} <= model_files
-    local = client.download_artifacts(
-        run.info.run_id, "hypernetwork/artifacts/checkpoint.pt", str(root / "dl")
-    )
-    assert Path(local).read_bytes() == (root / "runs" / "a" / "checkpoint.pt").read_bytes()
+    model = Path(client.download_artifacts(run.info.run_id, "hypernetwork", str(root / "dl")))
+    # a model from code with weights only: no pickle, no optimizer state, the package inside, pinned needs
+    assert not list(model.rglob("*.pkl")) and not list(model.rglob("checkpoint.pt"))
+    assert (model / "mlflow_model_code.py").is_file() and (model / "code/horse_dist/train.py").is_file()
+    assert json.loads((model / "input_example.json").read_text())["columns"] == ["prompt", "answer"]
+    requirements = (model / "requirements.txt").read_text().split()
+    assert all("==" in r for r in requirements) and not any(r.startswith("horse_dist") for r in requirements)
+    checkpoint = load_checkpoint(root / "runs" / "a")
+    (weights,) = model.rglob("hypernetwork.safetensors")
+    with safe_open(str(weights), framework="pt") as handle:
+        assert handle.metadata()["config"] == checkpoint["config"]
+        assert set(handle.keys()) == set(checkpoint["hypernet"])
+        assert all(torch.equal(handle.get_tensor(k), v) for k, v in checkpoint["hypernet"].items())
+    assert weights.stat().st_size < 0.6 * (root / "runs" / "a" / "checkpoint.pt").stat().st_size
 
 
 def test_the_registered_hypernetwork_is_a_pyfunc_model_that_edits(two_runs, monkeypatch):
@@ -383,7 +392,9 @@ def test_a_real_mlflow_server_receives_a_run_over_http(tiny, server, tmp_path):
     assert {"config.yaml", "results.json", "hypernetwork"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)
     }
-    assert list((folder / "artifacts").rglob("checkpoint.pt"))  # proxied to the server's artifact root
+    assert list(
+        (folder / "artifacts").rglob("hypernetwork.safetensors")
+    )  # proxied to the server's artifact root
     (version,) = client.search_model_versions("name = 'horse_dist-llama-horse'")
     assert version.run_id == run.info.run_id
 
