@@ -504,10 +504,26 @@ def to_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def flatten(cfg: RunConfig) -> dict[str, Any]:
-    """`section.key -> value`, for tracking params and config diffs."""
+# The config sections each tracked job reads, and so logs as its run's params (a training run does not log
+# the bench's, the key statistics', locate-then-edit's or the streams' settings).
+TRAINING_SECTIONS = ("model", "data", "method", "train", "dist", "tracking")
+JOB_SECTIONS = {
+    "train": TRAINING_SECTIONS,
+    "evaluate": TRAINING_SECTIONS,
+    "sweep": TRAINING_SECTIONS,
+    "sequential": ("model", "data", "method", "tracking", "sequential", "locate", "keystats"),
+}
+
+
+def flatten(cfg: RunConfig, job: str | None = None) -> dict[str, Any]:
+    """`section.key -> value` of every section, or of the sections `job` reads (JOB_SECTIONS), for tracking
+    params and config diffs."""
+    sections = JOB_SECTIONS[job] if job else None
     return {
-        f"{section}.{key}": value for section, values in to_dict(cfg).items() for key, value in values.items()
+        f"{section}.{key}": value
+        for section, values in to_dict(cfg).items()
+        if sections is None or section in sections
+        for key, value in values.items()
     }
 
 

@@ -81,7 +81,7 @@ def tracked_evaluation(
         {**run_tags(cfg, world_size=1), "checkpoint": checkpoint},
         cfg.tracking,
     )
-    tracker.log_params(flatten(cfg))
+    tracker.log_params(flatten(cfg, "evaluate"))
     try:
         result = full_evaluation(cfg, engine, pool, tokenizer, cfg.data.n_edits)
     except BaseException:
@@ -116,7 +116,7 @@ def run_sweep(
         {**tags, "sweep": "n_edits", "checkpoint": checkpoint},
         cfg.tracking,
     )
-    parent.log_params({**flatten(cfg), "sweep.n_edits": ",".join(map(str, sizes))})
+    parent.log_params({**flatten(cfg, "evaluate"), "sweep.n_edits": ",".join(map(str, sizes))})
     rows, flat = [], {}
     try:
         for n_edits in sizes:
@@ -130,7 +130,7 @@ def run_sweep(
                 parent_run_id=getattr(parent, "run_id", None),
             )
             cfg.data.n_edits = n_edits
-            child.log_params(flatten(cfg))
+            child.log_params(flatten(cfg, "evaluate"))
             result = full_evaluation(cfg, engine, pool, tokenizer, n_edits)
             child.log_metrics({f"eval/{k}": v for k, v in result.items()}, 0)
             child.finish()

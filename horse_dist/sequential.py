@@ -490,7 +490,7 @@ def run_in_folder(cfg: RunConfig, run_dir: Path, checkpoint_state: dict[str, Any
     tracker = make_tracker(
         cfg.tracking.enabled, cfg.tracking.uri, experiment_name(cfg), seq.run_name, tags, cfg.tracking
     )
-    tracker.log_params(flatten(cfg))
+    tracker.log_params(flatten(cfg, "sequential"))
     try:
         result = run_stream(editor, model, stream, scorer, seq, tracker)
         summary = {

@@ -133,7 +133,7 @@ def run_methods_sweep(
         load_config_with_extras(config_file, [*shared, *child_overrides], extras=())
     name = f"sweep-methods-{cfg.data.name}-{Path(cfg.model.source).name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = {**run_tags(cfg, cfg.dist.num_workers), "method": ",".join(methods), "sweep": "methods"}
-    params = {**flatten(cfg), "method.name": ",".join(methods), "sweep.methods": ",".join(methods)}
+    params = {**flatten(cfg, "sweep"), "method.name": ",".join(methods), "sweep.methods": ",".join(methods)}
     if knob is not None:
         tags["sweep_knob"] = knob[0]
         params["sweep.knob"] = f"{knob[0]}:{','.join(knob[1])}"

@@ -368,6 +368,7 @@ def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "seq" and run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "sequential" and run.data.params["sequential.batch_size"] == "2"
+    assert not {k.split(".")[0] for k in run.data.params} & {"train", "dist", "bench"}  # only its own params
     history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
     assert history("retention/ES") == [2, 4, 6]  # curve points after steps 1, 2, 3 of b=2
     assert history("stream/ES") == [2, 4, 6]

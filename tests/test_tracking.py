@@ -117,6 +117,14 @@ def test_a_local_run_logs_params_metrics_tags_artifacts_and_the_registered_model
     assert tags["world_size"] == "1" and tags["zero_stage"] == "0" and tags["seed"] == "0"
     assert tags["model"].endswith("llama") and tags["git_commit"] == git_commit()
     assert run.data.params["method.rank"] == "16" and run.data.params["tracking.queue_size"] == "1000"
+    assert {k.split(".")[0] for k in run.data.params} == {
+        "model",
+        "data",
+        "method",
+        "train",
+        "dist",
+        "tracking",
+    }
     assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "edits_per_s")] == [1, 2]
     for key in (

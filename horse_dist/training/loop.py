@@ -514,7 +514,7 @@ def run_tracked(cfg: RunConfig, run_dir: Path, world: LocalWorld, store: Checkpo
             cfg.tracking,
             parent_run_id=cfg.tracking.parent_run_id or None,
         )
-        tracker.log_params(flatten(cfg))
+        tracker.log_params(flatten(cfg, "train"))
         tracker.log_artifact(run_dir / "config.yaml")
     try:
         result = train_worker(cfg, run_dir, world, tracker, store)
