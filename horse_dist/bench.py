@@ -259,7 +259,7 @@ def bench_meta_steps(
         "phase_sum_seconds": statistics.median(sum(run.values()) for run in seconds),
         "phase_sum_seconds_all": [sum(run.values()) for run in seconds],
         "other_seconds": statistics.median(others),
-        "edits_per_second": data.n_edits / statistics.median(walls),
+        "edits_per_s": data.n_edits / statistics.median(walls),
         "comm_bytes": statistics.median(comm),
         "solve_forms": solve_forms(engine, tokens["edit"]["key_rows"]),
         "tokens_last_step": tokens,
@@ -333,7 +333,7 @@ def bench_edits(
             "seconds": median,
             "seconds_all": [run["seconds"] for run in runs],
             "predict_seconds": statistics.median(run["predict"] for run in runs),
-            "edits_per_second": n / median,
+            "edits_per_s": n / median,
             "key_rows": n_rows,
             "solve_forms": forms,
             "peak_device_gb": peak_device_gb(engine.device),
@@ -463,7 +463,7 @@ def format_report(report: dict) -> str:
         phases = row["phases"]
         lines.append(
             f"{row['n_facts']:<12}{row['seconds']:>9.3f}{phases['cache']['seconds']:>9.3f}"
-            f"{row['predict_seconds']:>9.3f}{phases['apply']['seconds']:>9.3f}{row['edits_per_second']:>10.1f}"
+            f"{row['predict_seconds']:>9.3f}{phases['apply']['seconds']:>9.3f}{row['edits_per_s']:>10.1f}"
             f"{row['fraction']:>10.1%}" + (" (records cycled)" if row["records_cycled"] else "")
         )
     rates = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in report["probe"]["flops_per_second"].items())

@@ -32,9 +32,9 @@ DEFAULT_METRICS = (
     "eval/unedited/LS",
     "gen_loss",
     "loc_loss",
-    "eval/median_step_seconds",
+    "perf/median_step_s",
     "edits_per_s",
-    "eval/peak_rss_gb",
+    "perf/peak_rss_gb",
 )
 BAR_METRICS = ("ES", "GS", "LS", "loc_agreement")
 

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     print(  # noqa: T201
         f"edited {len(requests)} facts in {timings['edit_seconds']:.2f}s "
-        f"({timings['edits_per_second']:.1f} edits/s; edit success {timings['edit_success']:.3f}); saved to {out}"
+        f"({timings['edits_per_s']:.1f} edits/s; edit success {timings['edit_success']:.3f}); saved to {out}"
     )
     return timings
 

@@ -240,15 +240,15 @@ def run_stream(
     live = " with live greedy decoding" if seq.live else ""
     log.info("scoring the unedited model on the stream's %d edits%s", len(stream), live)
     loc_before = scorer.score("unrel", everything)
-    baseline: dict[str, float] = {"unedited/loc_accuracy": _mean(loc_before)}
+    baseline: dict[str, float] = {"eval/unedited/loc_accuracy": _mean(loc_before)}
     if seq.baseline:
-        baseline["unedited/ES"] = _mean(scorer.score("edit", everything))
-        baseline["unedited/GS"] = _mean(scorer.score("equiv", everything))
+        baseline["eval/unedited/ES"] = _mean(scorer.score("edit", everything))
+        baseline["eval/unedited/GS"] = _mean(scorer.score("equiv", everything))
     unedited_live = scorer.live(everything)
     reference = None
     if unedited_live is not None:
         live_means, reference = unedited_live
-        baseline.update({f"unedited/{k}": v for k, v in live_means.items() if k != "loc_gen_same"})
+        baseline.update({f"eval/unedited/{k}": v for k, v in live_means.items() if k != "loc_gen_same"})
     baseline_seconds = time.perf_counter() - started
     log.info("unedited model scored in %.1fs", baseline_seconds)
 
@@ -270,7 +270,7 @@ def run_stream(
         step_seconds = time.perf_counter() - step_started
         timings["edit_seconds"] = timings.get("edit_seconds", 0.0) + step_seconds
         tracker.log_metrics(
-            {"time/step_seconds": step_seconds, **{f"editor/{k}": float(v) for k, v in reported.items()}},
+            {"perf/step_s": step_seconds, **{f"editor/{k}": float(v) for k, v in reported.items()}},
             step=made,
         )
         if step not in points:
@@ -292,24 +292,28 @@ def run_stream(
     final_started = time.perf_counter()
     log.info("scoring the edited model on all %d edits", len(stream))
     final = {
-        "final/ES": _mean(scorer.score("edit", everything)),
-        "final/GS": _mean(scorer.score("equiv", everything)),
+        "eval/edited/ES": _mean(scorer.score("edit", everything)),
+        "eval/edited/GS": _mean(scorer.score("equiv", everything)),
     }
     loc_after = scorer.score("unrel", everything, loc_before.predictions)
-    final["final/LS"] = _mean(loc_after, agreement=True)
-    final["final/loc_accuracy"] = _mean(loc_after)
+    final["eval/edited/LS"] = _mean(loc_after, agreement=True)
+    final["eval/edited/loc_accuracy"] = _mean(loc_after)
     edited_live = scorer.live(everything, reference)
     if edited_live is not None:
-        final.update({f"final/{k}": v for k, v in edited_live[0].items()})
+        final.update({f"eval/edited/{k}": v for k, v in edited_live[0].items()})
     timings["final_eval_seconds"] = time.perf_counter() - final_started
     timings["baseline_seconds"] = baseline_seconds
     last = {name: (w["norm"][-1], w["cond"][-1]) for name, w in weights.items()}
     drift = weight_metrics(last, initial)
-    final["final/max_norm_rel_change"] = max(v for k, v in drift.items() if k.endswith("norm_rel_change"))
-    final["final/max_cond_rel_change"] = max(v for k, v in drift.items() if k.endswith("cond_rel_change"))
-    final["final/retention_ES"] = curves["retention_ES"][-1]
+    final["eval/edited/max_norm_rel_change"] = max(
+        v for k, v in drift.items() if k.endswith("norm_rel_change")
+    )
+    final["eval/edited/max_cond_rel_change"] = max(
+        v for k, v in drift.items() if k.endswith("cond_rel_change")
+    )
+    final["eval/edited/retention_ES"] = curves["retention_ES"][-1]
     metrics = {**baseline, **final, "edits": float(len(stream))}
-    metrics["edits_per_second"] = (
+    metrics["perf/edits_per_s"] = (
         len(stream) / timings["edit_seconds"] if timings.get("edit_seconds") else 0.0
     )
     tracker.log_metrics(metrics, step=len(stream))
@@ -369,22 +373,22 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
 
 TABLE_COLUMNS = (
     ("edits", "edits", "{:.0f}"),
-    ("ES", "final/ES", "{:.3f}"),
-    ("GS", "final/GS", "{:.3f}"),
-    ("LS", "final/LS", "{:.3f}"),
-    ("loc acc", "final/loc_accuracy", "{:.3f}"),
-    ("retention", "final/retention_ES", "{:.3f}"),
-    ("live ES", "final/live_ES", "{:.3f}"),
-    ("live GS", "final/live_GS", "{:.3f}"),
-    ("gen same", "final/loc_gen_same", "{:.3f}"),
-    ("loops", "final/loops_edit", "{:.3f}"),
-    ("CF eff", "final/cf_efficacy", "{:.3f}"),
-    ("CF para", "final/cf_paraphrase", "{:.3f}"),
-    ("CF nbhd", "final/cf_neighbourhood", "{:.3f}"),
-    ("ES before", "unedited/ES", "{:.3f}"),
-    ("GS before", "unedited/GS", "{:.3f}"),
-    ("max Δ‖W‖", "final/max_norm_rel_change", "{:.2e}"),
-    ("max Δcond", "final/max_cond_rel_change", "{:.2e}"),
+    ("ES", "eval/edited/ES", "{:.3f}"),
+    ("GS", "eval/edited/GS", "{:.3f}"),
+    ("LS", "eval/edited/LS", "{:.3f}"),
+    ("loc acc", "eval/edited/loc_accuracy", "{:.3f}"),
+    ("retention", "eval/edited/retention_ES", "{:.3f}"),
+    ("live ES", "eval/edited/live_ES", "{:.3f}"),
+    ("live GS", "eval/edited/live_GS", "{:.3f}"),
+    ("gen same", "eval/edited/loc_gen_same", "{:.3f}"),
+    ("loops", "eval/edited/loops_edit", "{:.3f}"),
+    ("CF eff", "eval/edited/cf_efficacy", "{:.3f}"),
+    ("CF para", "eval/edited/cf_paraphrase", "{:.3f}"),
+    ("CF nbhd", "eval/edited/cf_neighbourhood", "{:.3f}"),
+    ("ES before", "eval/unedited/ES", "{:.3f}"),
+    ("GS before", "eval/unedited/GS", "{:.3f}"),
+    ("max Δ‖W‖", "eval/edited/max_norm_rel_change", "{:.2e}"),
+    ("max Δcond", "eval/edited/max_cond_rel_change", "{:.2e}"),
 )
 
 

@@ -228,7 +228,7 @@ def test_bench_smoke_report(tmp_path):
     assert [row["records_cycled"] for row in report["edits"]] == [False, False, True]  # 40 + 8 records
     for row in report["edits"]:
         assert set(row["phases"]) == set(flops.EDIT_PHASES)
-        assert row["edits_per_second"] == pytest.approx(row["n_facts"] / row["seconds"])
+        assert row["edits_per_s"] == pytest.approx(row["n_facts"] / row["seconds"])
     assert report["model"]["n_params"] == report["model"]["n_params_formula"]
     probe = report["probe"]
     assert (

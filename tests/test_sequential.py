@@ -226,16 +226,18 @@ def test_fake_stream_is_cumulative_with_exact_curves():
     curves = result.summary["curves"]
     assert curves["edits"] == [0, 3, 6, 12]
     assert curves["retention_ES"][1:] == pytest.approx([2 / 3, 0.5, 0.5])
-    assert result.metrics["final/ES"] == pytest.approx(0.5) and result.metrics["final/LS"] == pytest.approx(
-        0.5
-    )
+    assert result.metrics["eval/edited/ES"] == pytest.approx(0.5) and result.metrics[
+        "eval/edited/LS"
+    ] == pytest.approx(0.5)
     # the tracker saw the curves with step = edits made
     steps_with = {
         key: [s for s, m in tracker.logged if key in m] for key in ("retention/ES", f"weight/{DOWN[0]}/cond")
     }
     assert steps_with["retention/ES"] == [3, 6, 12]
     assert steps_with[f"weight/{DOWN[0]}/cond"] == [0, 3, 6, 12]
-    assert result.metrics["final/max_norm_rel_change"] > 1e-3  # these fake edits are not norm-preserving
+    assert (
+        result.metrics["eval/edited/max_norm_rel_change"] > 1e-3
+    )  # these fake edits are not norm-preserving
 
 
 def test_run_stream_refuses_a_stream_of_the_wrong_length():
@@ -361,7 +363,13 @@ def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path
     assert on_disk["metrics"] == pytest.approx(summary["metrics"])
     assert on_disk["n_edits"] == 6 and len(on_disk["pool_indices"]) == 6
     assert (run_dir / "sequential.png").stat().st_size > 1000
-    for key in ("final/ES", "final/GS", "final/LS", "unedited/ES", "final/retention_ES"):
+    for key in (
+        "eval/edited/ES",
+        "eval/edited/GS",
+        "eval/edited/LS",
+        "eval/unedited/ES",
+        "eval/edited/retention_ES",
+    ):
         assert 0.0 <= summary["metrics"][key] <= 1.0, key
 
     client = MlflowClient(uri)
@@ -377,20 +385,20 @@ def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path
         len(on_disk["curves"]["retention_live_ES"]) == 4 and on_disk["curves"]["retention_live_ES"][0] is None
     )
     for key in (
-        "unedited/live_ES",
-        "final/live_ES",
-        "final/live_GS",
-        "final/loops_edit",
-        "final/entropy_edit",
+        "eval/unedited/live_ES",
+        "eval/edited/live_ES",
+        "eval/edited/live_GS",
+        "eval/edited/loops_edit",
+        "eval/edited/entropy_edit",
     ):
         assert history(key) == [6], key
-    assert 0.0 <= summary["metrics"]["final/loc_gen_same"] <= 1.0
-    assert "unedited/loc_gen_same" not in summary["metrics"]  # 1 by definition: the reference itself
+    assert 0.0 <= summary["metrics"]["eval/edited/loc_gen_same"] <= 1.0
+    assert "eval/unedited/loc_gen_same" not in summary["metrics"]  # 1 by definition: the reference itself
     for name in on_disk["module_names"]:
         assert history(f"weight/{name}/norm") == [0, 2, 4, 6]
         values = [m.value for m in client.get_metric_history(run.info.run_id, f"weight/{name}/cond")]
         assert values == pytest.approx(on_disk["curves"]["weights"][name]["cond"])
-    assert history("final/ES") == [6] and history("time/step_seconds") == [2, 4, 6]
+    assert history("eval/edited/ES") == [6] and history("perf/step_s") == [2, 4, 6]
     assert history("editor/predict_seconds") == [2, 4, 6]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/sequential.png" in artifacts
@@ -488,9 +496,12 @@ def test_locate_stream_on_the_tiny_model(method, tiny_dir, data_file, tmp_path):
     assert changed, "no weight was edited"
     metrics = summary["metrics"]
     if method == "mose":  # an orthogonal left-multiplication keeps both, to float64 solve precision
-        assert metrics["final/max_norm_rel_change"] < 1e-6 and metrics["final/max_cond_rel_change"] < 1e-6
+        assert (
+            metrics["eval/edited/max_norm_rel_change"] < 1e-6
+            and metrics["eval/edited/max_cond_rel_change"] < 1e-6
+        )
     elif method == "memit":  # MEMIT's additive update moves them
-        assert metrics["final/max_cond_rel_change"] > 1e-4
+        assert metrics["eval/edited/max_cond_rel_change"] > 1e-4
 
 
 def test_counterfact_stream_reports_contrast_scores(tiny_dir, tmp_path):
@@ -512,9 +523,11 @@ def test_counterfact_stream_reports_contrast_scores(tiny_dir, tmp_path):
     }
     summary = sequential.main([f"{k}={v}" for k, v in overrides.items()])
     metrics = summary["metrics"]
-    for row in ("unedited", "final"):
+    for row in ("eval/unedited", "eval/edited"):
         for name in ("efficacy", "paraphrase", "neighbourhood"):
             assert metrics[f"{row}/cf_{name}"] in (0.0, 0.25, 0.5, 0.75, 1.0), (row, name)  # 4 edits
             assert -1.0 <= metrics[f"{row}/cf_{name}_mag"] <= 1.0
-    assert metrics["final/cf_efficacy_mag"] > metrics["unedited/cf_efficacy_mag"]  # the edits moved P(new)
+    assert (
+        metrics["eval/edited/cf_efficacy_mag"] > metrics["eval/unedited/cf_efficacy_mag"]
+    )  # the edits moved P(new)
     assert "CF eff" in sequential.format_table([summary])

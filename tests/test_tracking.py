@@ -22,6 +22,7 @@ from horse_dist.config import ConfigError
 from horse_dist.process import exit_on_sigterm
 from horse_dist.tracking.mlflow_run import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
 from horse_dist.training.checkpoint import atomic_write, load_checkpoint
+from horse_dist.training.loop import final_metric_names
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
 
@@ -344,6 +345,20 @@ def test_system_metrics_are_sampled_into_the_run(two_runs):
     assert (
         "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
     )
+
+
+def test_a_runs_final_result_goes_to_eval_and_its_time_and_memory_to_perf():
+    result = {"edited/ES": 0.9, "n_edits": 64.0, "median_step_seconds": 6.5, "median_time/cache": 1.5}
+    result |= {"median_time/cache/w1": 1.6, "peak_rss_gb": 2.3, "peak_rss_gb/w1": 2.2}
+    assert final_metric_names(result) == {
+        "eval/edited/ES": 0.9,
+        "eval/n_edits": 64.0,
+        "perf/median_step_s": 6.5,
+        "perf/median_cache_s": 1.5,
+        "perf/median_cache_s/w1": 1.6,
+        "perf/peak_rss_gb": 2.3,
+        "perf/peak_rss_gb/w1": 2.2,
+    }
 
 
 def test_runs_start_as_mlflow_start_run_does_and_nest_only_under_their_parent(two_runs):

@@ -32,7 +32,7 @@ def apply_edits(
         "cache_seconds": cached - started,
         "predict_solve_seconds": predicted - cached,
         "edit_seconds": predicted - started,
-        "edits_per_second": len(requests) / (predicted - started),
+        "edits_per_s": len(requests) / (predicted - started),
         "edit_success": float(success.mean()),
     }
     return shifts, timings

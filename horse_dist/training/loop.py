@@ -264,6 +264,23 @@ def gather_worker_metrics(values: dict[str, float], world: LocalWorld) -> dict[s
     return {f"{k}/w{r}": float(table[r, i]) for r in range(world.size) for i, k in enumerate(keys)}
 
 
+def final_metric_names(result: dict[str, float]) -> dict[str, float]:
+    """The MLflow names of a run's final result: the scores under eval/, time and memory under perf/ with
+    their unit in the name (median_time/cache/w1 -> perf/median_cache_s/w1)."""
+    named = {}
+    for key, value in result.items():
+        if key.startswith("median_time/"):
+            phase, _, worker = key.removeprefix("median_time/").partition("/")
+            named[f"perf/median_{phase}_s" + (f"/{worker}" if worker else "")] = value
+        elif key == "median_step_seconds":
+            named["perf/median_step_s"] = value
+        elif key.startswith("peak_rss_gb"):
+            named[f"perf/{key}"] = value
+        else:
+            named[f"eval/{key}"] = value
+    return named
+
+
 def key_prior_stats(engine: EditEngine, cfg: RunConfig, pools: DataPools, tokenizer) -> dict[str, KeyStats]:
     """The key prior's moments over the first method.prior_records training records (never the evaluation
     pool): every token of their edit, rephrase and unrelated prompts, or their unrelated answers' keys."""
@@ -473,7 +490,7 @@ def train_worker(
     result["peak_rss_gb"] = peak_rss_gb()
     result.update(gather_worker_metrics({"peak_rss_gb": result["peak_rss_gb"]}, world))
     if rank0:
-        tracker.log_metrics({f"eval/{k}": v for k, v in result.items()}, cfg.train.steps)
+        tracker.log_metrics(final_metric_names(result), cfg.train.steps)
         atomic_write_text(json.dumps(result, indent=2), run_dir / "results.json")
         tracker.log_artifact(run_dir / "results.json")
         reported = run_dir / (BEST_NAME if selection is not None else CHECKPOINT_NAME)  # the editor scored
