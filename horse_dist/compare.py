@@ -2,7 +2,7 @@
 
     python -m horse_dist.compare [--uri URI] [--experiment NAME ...] [--run RUN_ID ...]
                                  [--filter "params.`method.name` = 'horse'"] [--max-runs 10]
-                                 [--metrics eval/edited/ES,gen_loss] [--plot compare.png] [--all-params]
+                                 [--metrics eval/edited/ES,train/gen_loss] [--plot compare.png] [--all-params]
                                  [--pareto live_ES:loc_gen_same] [--pareto-plot pareto.png]
 
 The URI defaults to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (what training writes by default).
@@ -30,10 +30,10 @@ DEFAULT_METRICS = (
     "eval/unedited/ES",
     "eval/unedited/GS",
     "eval/unedited/LS",
-    "gen_loss",
-    "loc_loss",
+    "train/gen_loss",
+    "train/loc_loss",
     "perf/median_step_s",
-    "edits_per_s",
+    "perf/edits_per_s",
     "perf/peak_rss_gb",
 )
 BAR_METRICS = ("ES", "GS", "LS", "loc_agreement")
@@ -122,7 +122,7 @@ def format_rows(rows: list[tuple[str, list[str]]]) -> str:
 
 
 def plot_comparison(client: Any, runs: list, path: str | Path) -> Path:
-    """Left: the edited ES/GS/LS/locality of each run (bars). Right: gen_loss against the meta-step."""
+    """Left: the edited ES/GS/LS/locality of each run (bars). Right: train/gen_loss against the meta-step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,13 +134,13 @@ def plot_comparison(client: Any, runs: list, path: str | Path) -> Path:
         label = run.info.run_name or run.info.run_id[:8]
         values = [run.data.metrics.get(f"eval/edited/{m}", float("nan")) for m in BAR_METRICS]
         bars.bar([j + i * width for j in range(len(BAR_METRICS))], values, width, label=label)
-        history = client.get_metric_history(run.info.run_id, "gen_loss")
+        history = client.get_metric_history(run.info.run_id, "train/gen_loss")
         if history:
             history = sorted(history, key=lambda m: m.step)
             curves.plot([m.step for m in history], [m.value for m in history], marker=".", label=label)
     bars.set_xticks([j + 0.4 - width / 2 for j in range(len(BAR_METRICS))], BAR_METRICS)
     bars.set(ylabel="accuracy (edited)", ylim=(0, 1.05), title="final evaluation")
-    curves.set(xlabel="meta-step", ylabel="gen_loss", title="training")
+    curves.set(xlabel="meta-step", ylabel="train/gen_loss", title="training")
     for axis in (bars, curves):
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)

@@ -258,11 +258,11 @@ def test_ray_run_is_tracked_once_from_rank0(ray_w2_zero0):
     (run,) = client.search_runs([experiment.experiment_id])  # one run, not one per worker
     assert run.info.run_name == "w2z0" and run.info.status == "FINISHED"
     assert run.data.tags["world_size"] == "2" and run.data.params["dist.num_workers"] == "2"
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/gen_loss")]
     assert steps == [1, 2, 3]  # rank 0 alone logs each step
     metrics = run.data.metrics
-    assert metrics["comm_bytes/all_reduce"] > 0 and metrics["comm_bytes/reduce"] > 0
-    assert {"time/cache/w0", "time/cache/w1", "step_seconds/w1"} <= set(metrics)
+    assert metrics["perf/comm_bytes/all_reduce"] > 0 and metrics["perf/comm_bytes/reduce"] > 0
+    assert {"perf/cache_s/w0", "perf/cache_s/w1", "perf/step_s/w1"} <= set(metrics)
     assert metrics["eval/edited/ES"] == pytest.approx(ray_w2_zero0["result"]["edited/ES"])
     assert "registered_model" in run.data.tags
 
@@ -317,7 +317,7 @@ def test_block_cache_hits_every_pass_of_epoch_two_at_w2(ray_cluster, tmp_path, t
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("zsre-llama").experiment_id])
     for worker in ("w0", "w1"):
-        history = client.get_metric_history(run.info.run_id, f"block_cache/epoch_hit_rate/{worker}")
+        history = client.get_metric_history(run.info.run_id, f"perf/block_cache/epoch_hit_rate/{worker}")
         rates = [m.value for m in sorted(history, key=lambda m: m.step)]
         assert rates[:2] == [0.0, 0.0] and rates[2:] == [1.0, 1.0], worker
 

@@ -22,7 +22,7 @@ from horse_dist.config import ConfigError
 from horse_dist.process import exit_on_sigterm
 from horse_dist.tracking.mlflow_run import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
 from horse_dist.training.checkpoint import atomic_write, load_checkpoint
-from horse_dist.training.loop import final_metric_names
+from horse_dist.training.loop import final_metric_names, step_metric_names
 
 HEAD_FILE = Path(__file__).resolve().parent.parent / "data/zsre/zsre_mend_eval_head.json"
 
@@ -126,16 +126,24 @@ def test_a_local_run_logs_params_metrics_tags_artifacts_and_the_registered_model
         "dist",
         "tracking",
     }
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "edits_per_s")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/gen_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "perf/edits_per_s")] == [1, 2]
     for key in (
         "eval/edited/ES",
         "eval/edited/GS",
         "eval/edited/LS",
         "eval/unedited/ES",
         "eval/edited/loc_agreement",
+        "train/loc_loss",
+        "train/gs",
+        "train/grad_norm",
+        "perf/step_s",
+        "perf/peak_rss_gb",
+        "perf/median_step_s",
     ):
         assert key in run.data.metrics, key
+    namespaces = {k.split("/")[0] for k in run.data.metrics}
+    assert namespaces == {"train", "eval", "perf", "system"}, namespaces  # one namespace per kind of number
     assert "tracking/dropped_batches" not in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "results.json", "hypernetwork", "plots"} <= artifacts
@@ -277,7 +285,7 @@ def test_compare_prints_config_differences_and_final_metrics(two_runs, tmp_path,
     assert "data.n_edits" not in lines and "train.steps" not in lines  # the same in both runs
     for run, column in ((a, 0), (b, 1)):
         assert lines["eval/edited/ES"][column] == f"{run.data.metrics['eval/edited/ES']:.4g}"
-        assert lines["gen_loss"][column] == f"{run.data.metrics['gen_loss']:.4g}"
+        assert lines["train/gen_loss"][column] == f"{run.data.metrics['train/gen_loss']:.4g}"
     assert plot.stat().st_size > 1000
     by_experiment = compare.main(
         ["--uri", uri, "-e", "zsre-llama", "-f", "tags.method = 'horse'", "--plot", ""]
@@ -347,6 +355,25 @@ def test_system_metrics_are_sampled_into_the_run(two_runs):
     )
 
 
+def test_a_meta_steps_metrics_go_to_train_and_perf_with_their_units():
+    metrics = {"gen_loss": 1.5, "train_gs": 0.7, "grad_norm": 0.3, "eta/m.24": 3.0, "step_seconds": 6.0}
+    metrics |= {"time/cache": 2.0, "time/cache/w1": 2.1, "step_seconds/w1": 6.1, "edits_per_s": 10.0}
+    metrics |= {"comm_bytes/all_reduce": 8.0, "block_cache/hit_rate": 0.5}
+    assert step_metric_names(metrics) == {
+        "train/gen_loss": 1.5,
+        "train/gs": 0.7,
+        "train/grad_norm": 0.3,
+        "train/eta/m.24": 3.0,
+        "perf/step_s": 6.0,
+        "perf/cache_s": 2.0,
+        "perf/cache_s/w1": 2.1,
+        "perf/step_s/w1": 6.1,
+        "perf/edits_per_s": 10.0,
+        "perf/comm_bytes/all_reduce": 8.0,
+        "perf/block_cache/hit_rate": 0.5,
+    }
+
+
 def test_a_runs_final_result_goes_to_eval_and_its_time_and_memory_to_perf():
     result = {"edited/ES": 0.9, "n_edits": 64.0, "median_step_seconds": 6.5, "median_time/cache": 1.5}
     result |= {"median_time/cache/w1": 1.6, "peak_rss_gb": 2.3, "peak_rss_gb/w1": 2.2}
@@ -410,7 +437,7 @@ def test_a_real_mlflow_server_receives_a_run_over_http(tiny, server, tmp_path):
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("zsre-llama").experiment_id])
     assert run.info.run_name == "served" and run.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/gen_loss")] == [1]
     assert "eval/edited/ES" in run.data.metrics and run.data.params["data.n_edits"] == "8"
     assert {"config.yaml", "results.json", "hypernetwork"} <= {
         a.path for a in client.list_artifacts(run.info.run_id)

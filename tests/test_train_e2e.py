@@ -115,12 +115,12 @@ def test_tracking_to_sqlite_logs_params_and_step_metrics(tiny_overrides, tmp_pat
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
     assert run.data.params["method.spread"] == "orthogonal" and run.data.params["data.n_edits"] == "8"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "gen_loss")] == [1, 2, 3]
-    assert "eval/edited/ES" in run.data.metrics and "time/cache" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/gen_loss")] == [1, 2, 3]
+    assert "eval/edited/ES" in run.data.metrics and "perf/cache_s" in run.data.metrics
     # Epoch 1 stores every prompt's block inputs; epoch 2 is served from them.
-    history = client.get_metric_history(run.info.run_id, "block_cache/epoch_hit_rate")
+    history = client.get_metric_history(run.info.run_id, "perf/block_cache/epoch_hit_rate")
     assert [m.value for m in sorted(history, key=lambda m: m.step)] == [0.0, 0.0, 1.0]
-    assert run.data.metrics["block_cache/megabytes"] > 0
+    assert run.data.metrics["perf/block_cache/megabytes"] > 0
 
 
 def test_edit_export_reloads_in_plain_transformers_with_the_edited_predictions(tiny_overrides, tmp_path):

@@ -25,7 +25,7 @@ from horse_dist.config import TrackingConfig
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-LOSS_KEYS = ("gen_loss", "loc_loss", "cache_loss")
+LOSS_KEYS = ("train/gen_loss", "train/loc_loss", "train/cache_loss")
 _STOP = object()
 
 

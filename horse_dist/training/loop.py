@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import statistics
 import time
 from collections.abc import Iterator
@@ -264,6 +265,42 @@ def gather_worker_metrics(values: dict[str, float], world: LocalWorld) -> dict[s
     return {f"{k}/w{r}": float(table[r, i]) for r in range(world.size) for i, k in enumerate(keys)}
 
 
+TRAIN_SCALARS = {
+    "gen_loss",
+    "loc_loss",
+    "cache_loss",
+    "train_gs",
+    "train_ls",
+    "grad_norm",
+    "tokens",
+    "skipped_steps",
+}
+PERF_SCALARS = {"step_seconds": "step_s", "edits_per_s": "edits_per_s", "peak_rss_gb": "peak_rss_gb"}
+PERF_SCALARS["peak_device_gb"] = "peak_device_gb"
+WORKER_SUFFIX = re.compile(r"(.*)/w(\d+)")  # gather_worker_metrics' per-worker copies
+
+
+def step_metric_names(metrics: dict[str, float]) -> dict[str, float]:
+    """The MLflow names of a meta-step's metrics: the optimisation under train/ (losses, train_gs -> train/gs,
+    grad norm, eta/lambda per layer), time, throughput, memory, communication and the block cache under perf/
+    with their unit in the name (time/cache/w1 -> perf/cache_s/w1)."""
+    named = {}
+    for key, value in metrics.items():
+        match = WORKER_SUFFIX.fullmatch(key)
+        base, suffix = (match[1], f"/w{match[2]}") if match else (key, "")
+        if base in TRAIN_SCALARS:
+            named[f"train/{base.removeprefix('train_')}{suffix}"] = value
+        elif base.startswith(("eta/", "lambda/")):
+            named[f"train/{key}"] = value
+        elif base in PERF_SCALARS:
+            named[f"perf/{PERF_SCALARS[base]}{suffix}"] = value
+        elif base.startswith("time/"):
+            named[f"perf/{base.removeprefix('time/')}_s{suffix}"] = value
+        else:  # comm_bytes/*, block_cache/*
+            named[f"perf/{key}"] = value
+    return named
+
+
 def final_metric_names(result: dict[str, float]) -> dict[str, float]:
     """The MLflow names of a run's final result: the scores under eval/, time and memory under perf/ with
     their unit in the name (median_time/cache/w1 -> perf/median_cache_s/w1)."""
@@ -428,7 +465,7 @@ def train_worker(
             if key.startswith("time/"):
                 phase_times.setdefault(key, []).append(value)
         if rank0:
-            tracker.log_metrics(metrics, step + 1)
+            tracker.log_metrics(step_metric_names(metrics), step + 1)
             progress.set_postfix(
                 gen=f"{metrics['gen_loss']:.3f}", loc=f"{metrics['loc_loss']:.3f}", s=f"{seconds:.1f}"
             )
