@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from horse_dist.tracking.plots import integer_steps
+
 TAG_ROWS = ("method", "model", "dataset", "n_edits", "world_size", "zero_stage", "seed", "git_commit")
 DEFAULT_METRICS = (
     "eval/edited/ES",
@@ -141,6 +143,7 @@ def plot_comparison(client: Any, runs: list, path: str | Path) -> Path:
     bars.set_xticks([j + 0.4 - width / 2 for j in range(len(BAR_METRICS))], BAR_METRICS)
     bars.set(ylabel="accuracy (edited)", ylim=(0, 1.05), title="final evaluation")
     curves.set(xlabel="meta-step", ylabel="train/gen_loss", title="training")
+    integer_steps(curves)
     for axis in (bars, curves):
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)

@@ -26,7 +26,8 @@ from horse_dist.config import (
 )
 from horse_dist.data import TokenizedRecords
 from horse_dist.process import exit_on_sigterm
-from horse_dist.tracking.mlflow_run import experiment_name, make_tracker, plot_vs_edits, run_tags
+from horse_dist.tracking.mlflow_run import experiment_name, make_tracker, run_tags
+from horse_dist.tracking.plots import plot_vs_edits
 from horse_dist.training.assembly import build_engine, load_data, model_positions
 from horse_dist.training.checkpoint import load_checkpoint
 from horse_dist.training.engine import EditEngine

@@ -50,6 +50,7 @@ from horse_dist.lm.load import load_frozen_lm
 from horse_dist.lm.passes import PassResult, score_pass
 from horse_dist.process import exit_on_sigterm
 from horse_dist.tracking.mlflow_run import Tracker, experiment_name, make_tracker, run_tags
+from horse_dist.tracking.plots import integer_steps
 from horse_dist.training.assembly import load_data, output_dir, pick_device, resolve_path
 from horse_dist.training.checkpoint import RunFolderLock, atomic_write_text, load_checkpoint
 
@@ -331,6 +332,12 @@ def run_stream(
 
 
 # ---- output -----------------------------------------------------------------------------------------------
+def layer_label(module: str) -> str:
+    """ "layer 24" for model.layers.24.mlp.down_proj (the module name when it holds no layer number)."""
+    numbers = [part for part in module.split(".") if part.isdigit()]
+    return f"layer {numbers[0]}" if numbers else module
+
+
 def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
     """Per layer ‖W‖_F / ‖W₀‖_F and cond(W) / cond(W₀) (log scale) against edits made (a line per run and layer),
     and the retention / stream ES curves; several runs share the axes, so methods can be compared."""
@@ -343,10 +350,10 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
     for run_index, summary in enumerate(summaries):
         curves, label = summary["curves"], f"{summary['method']} b={summary['batch_size']}"
         edits = curves["edits"]
-        for layer_index, values in enumerate(curves["weights"].values()):
-            # One legend entry per run: the run's layers share its colour, deeper layers darker.
+        for layer_index, (module, values) in enumerate(curves["weights"].items()):
+            # a run's layers share its colour, deeper layers darker; each line is named by its layer
             style = dict(color=f"C{run_index}", alpha=0.4 + 0.6 * (layer_index + 1) / len(curves["weights"]))
-            named = {"label": label} if layer_index == 0 else {}
+            named = {"label": f"{label} {layer_label(module)}"}
             norm_axis.plot(edits, [v / values["norm"][0] for v in values["norm"]], **style, **named)
             cond_axis.plot(edits, [v / values["cond"][0] for v in values["cond"]], **style, **named)
         es_axis.plot(
@@ -366,7 +373,8 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
     for axis in (norm_axis, cond_axis):
         axis.set_yscale("log")  # drift spans orders of magnitude; an orthogonal update stays on 1
     for axis in (norm_axis, cond_axis, es_axis):
-        axis.legend(fontsize=7)
+        integer_steps(axis)
+        axis.legend(fontsize=6 if axis is not es_axis else 7)
     figure.tight_layout()
     return figure
 

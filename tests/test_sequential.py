@@ -424,6 +424,14 @@ def test_compare_tabulates_and_overlays_finished_runs(tmp_path, capsys):
     assert len(lines) == 2 and "0.500" in lines[0]  # final ES of the even/odd scorer
     with pytest.raises(FileNotFoundError, match="no sequential summary"):
         sequential.main(["compare", str(tmp_path / "missing")])
+    figure = sequential.plot_sequential([result.summary])
+    norm_axis = figure.axes[0]
+    layers = [sequential.layer_label(name) for name in result.summary["curves"]["weights"]]
+    assert [t.get_text() for t in norm_axis.get_legend().get_texts()] == [f"fake b=1 {n}" for n in layers]
+    assert layers and all(n.startswith("layer ") for n in layers)  # a line per layer, each named
+    for axis in figure.axes:  # edits are counted: no tick between two whole numbers
+        figure.canvas.draw()
+        assert all(float(t).is_integer() for t in axis.get_xticks()), axis.get_xticks()
 
 
 # ---- errors -----------------------------------------------------------------------------------------------
