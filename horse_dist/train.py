@@ -8,9 +8,7 @@ MLflow in ./mlflow.db. Each run writes runs/<run_name>/{config.yaml, checkpoint.
 
 from __future__ import annotations
 
-import logging
 import sys
-from pathlib import Path
 
 import torch
 
@@ -22,17 +20,12 @@ from horse_dist.training.checkpoint import LocalCheckpointStore, has_checkpoint
 from horse_dist.training.loop import owned_run_dir, resumed_config, run_folder, run_tracked
 from horse_dist.training.ray_trainer import run_ray
 
-log = logging.getLogger(__name__)
-
 
 def run_local(cfg: RunConfig) -> dict[str, float]:
+    """The training loop in this process, in its own run folder and MLflow run."""
     with owned_run_dir(cfg) as run_dir:
-        return _run_local(cfg, run_dir)
-
-
-def _run_local(cfg: RunConfig, run_dir: Path) -> dict[str, float]:
-    store = LocalCheckpointStore(run_dir, keep=cfg.train.keep_checkpoints)
-    return run_tracked(cfg, run_dir, LocalWorld(), store)
+        store = LocalCheckpointStore(run_dir, keep=cfg.train.keep_checkpoints)
+        return run_tracked(cfg, run_dir, LocalWorld(), store)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -161,7 +161,6 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
 
 def run_ray(cfg, env: dict[str, str] | None = None) -> dict[str, float]:
     """Launch `train_worker` on cfg.dist.num_workers Ray Train workers; returns rank 0's results."""
-
     cfg.tracking.uri = absolute_tracking_uri(cfg.tracking.uri)
     with owned_run_dir(cfg) as run_dir:  # the driver holds the folder's lock while the workers run
         return _fit(cfg, run_dir.resolve(), env)
