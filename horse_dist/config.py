@@ -25,7 +25,7 @@ CONFIG_DIR = REPO_ROOT / "configs"
 PRESET_GROUPS = ("model", "data", "method")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig:
     source: str = "smollm2-135m"  # alias, local HF folder, .gguf file or hub id
     dtype: str = "float32"
@@ -40,7 +40,7 @@ class ModelConfig:
     answer_tail: str = "auto"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataConfig:
     name: str = "zsre"
     # a file (.json / .jsonl), a glob, a comma-separated list of them, or a hub dataset name[:split]
@@ -81,7 +81,7 @@ class DataConfig:
     answer_end: str = "none"
 
 
-@dataclass
+@dataclass(frozen=True)
 class MethodConfig:
     name: str = "horse"
     spread: str = "orthogonal"  # orthogonal | reference | none
@@ -108,7 +108,7 @@ class MethodConfig:
     chunk_rows: int = 1024  # hypernetwork rows per chunk
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     steps: int = 20
     meta_lr: float = 1e-5
@@ -148,7 +148,7 @@ class TrainConfig:
     block_cache_gb: float = 2.0
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistConfig:
     backend: str = "local"  # local | ray
     num_workers: int = 1
@@ -160,7 +160,7 @@ class DistConfig:
     max_failures: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrackingConfig:
     enabled: bool = True
     uri: str = "sqlite:///mlflow.db"
@@ -176,7 +176,7 @@ class TrackingConfig:
     parent_run_id: str = ""  # log this run as a nested child of that run (set by python -m horse_dist.sweep)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BenchConfig:  # python -m horse_dist.bench (issue 5); fields owned by horse_dist/bench.py
     warmup_steps: int = 1
     steps: int = 3
@@ -188,7 +188,7 @@ class BenchConfig:  # python -m horse_dist.bench (issue 5); fields owned by hors
     probe_repeats: int = 3
 
 
-@dataclass
+@dataclass(frozen=True)
 class KeyStatsConfig:  # K0 K0^T per edited layer over a text corpus (issue 6); owned by horse_dist/keystats
     corpus: str = "bundled"  # bundled: texts of the bundled zsRE + CounterFact; else a datasets path or name
     corpus_config: str = ""  # datasets config name of a hub corpus
@@ -206,7 +206,7 @@ class KeyStatsConfig:  # K0 K0^T per edited layer over a text corpus (issue 6); 
     stop_early: bool = True  # stop each forward after the last edited module's input is captured
 
 
-@dataclass
+@dataclass(frozen=True)
 class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned by horse_dist/locate
     method: str = "mose"  # mose | memit | alphaedit
     # Candidate layers (MOSE selects one by Eq. 21-22 and edits it with `neighbours` on each side), or the
@@ -234,7 +234,7 @@ class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned b
     seed: int = 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_dist/sequential.py
     method: str = "mose"  # mose | memit | alphaedit | horse | malmen
     steps: int = 200  # T
@@ -256,7 +256,7 @@ class SequentialConfig:  # sequential editing streams (issue 6); owned by horse_
     run_name: str = ""  # empty: seq-<method>-b<b>-<model>-<data>-<timestamp>, under train.out_dir
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -345,7 +345,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         else:
             dotlist.append(item)
 
-    merged = OmegaConf.structured(RunConfig)
+    merged = schema()
     for group, name in defaults.items():
         path = _preset_path(group, str(name))
         merged = _merge(merged, {group: _load_yaml(path)}, str(path))
@@ -371,10 +371,31 @@ def load_config_with_extras(
     return load_config(config_file, rest), found
 
 
+def schema() -> DictConfig:
+    """The config schema with its defaults, open for merging (OmegaConf makes frozen dataclasses read-only;
+    the RunConfig built from it is frozen again)."""
+    merged = OmegaConf.structured(RunConfig)
+    OmegaConf.set_readonly(merged, False)
+    return merged
+
+
+def with_changes(cfg: RunConfig, changes: dict[str, Any]) -> RunConfig:
+    """A copy of the frozen `cfg` with `section.key` values replaced (the job's own decisions at run time,
+    e.g. the run name it picked or a resume it found)."""
+    sections: dict[str, dict[str, Any]] = {}
+    for dotted, value in changes.items():
+        section, key = dotted.split(".", 1)
+        check_key(dotted)
+        sections.setdefault(section, {})[key] = value
+    return dataclasses.replace(
+        cfg, **{name: dataclasses.replace(getattr(cfg, name), **values) for name, values in sections.items()}
+    )
+
+
 def config_from_yaml(text: str, overrides: list[str]) -> RunConfig:
     """Rebuild a saved resolved config, then apply overrides. The model and method define a trained
     hypernetwork, so swapping their presets is refused; a data preset may be swapped."""
-    merged = _merge(OmegaConf.structured(RunConfig), OmegaConf.create(text), "saved config")
+    merged = _merge(schema(), OmegaConf.create(text), "saved config")
     dotlist = []
     for item in overrides:
         key, _, value = item.partition("=")

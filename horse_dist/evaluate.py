@@ -10,6 +10,7 @@ answer positions where the edited model's argmax equals the unedited model's (Ea
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -23,6 +24,7 @@ from horse_dist.config import (
     load_config_with_extras,
     print_config,
     split_cli,
+    with_changes,
 )
 from horse_dist.data import TokenizedRecords
 from horse_dist.process import exit_on_sigterm
@@ -130,9 +132,9 @@ def run_sweep(
                 cfg.tracking,
                 parent_run_id=getattr(parent, "run_id", None),
             )
-            cfg.data.n_edits = n_edits
-            child.log_params(flatten(cfg, "evaluate"))
-            result = full_evaluation(cfg, engine, pool, tokenizer, n_edits)
+            sized = with_changes(cfg, {"data.n_edits": n_edits})
+            child.log_params(flatten(sized, "evaluate"))
+            result = full_evaluation(sized, engine, pool, tokenizer, n_edits)
             child.log_metrics({f"eval/{k}": v for k, v in result.items()}, 0)
             child.finish()
             parent.log_metrics({f"eval/{k}": v for k, v in result.items()}, n_edits)
@@ -165,8 +167,7 @@ def _config_from_checkpoint(state: dict, cfg: RunConfig, overrides: list[str]) -
     saved = config_from_yaml(
         state["config"], [o for o in overrides if not o.startswith(("checkpoint=", "out=", "sweep="))]
     )
-    saved.tracking = cfg.tracking
-    return saved
+    return dataclasses.replace(saved, tracking=cfg.tracking)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ step = edits made, a plot and a JSON summary to the run folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -39,6 +40,7 @@ from horse_dist.config import (
     print_config,
     split_cli,
     to_yaml,
+    with_changes,
 )
 from horse_dist.data import TokenizedExample, TokenizedRecords, concat_records, micro_batches, select_records
 from horse_dist.generation.contrast import counterfact_scores
@@ -98,10 +100,8 @@ def prepare_config(config_file: str | None, overrides: list[str]) -> tuple[RunCo
             f"sequential.checkpoint={cfg.sequential.checkpoint!r} holds a {trained.method.name!r} hypernetwork, "
             f"but sequential.method={cfg.sequential.method!r}"
         )
-    device = cfg.model.device
-    cfg.model, cfg.method = trained.model, trained.method
-    cfg.model.device = device
-    return cfg, state
+    model = dataclasses.replace(trained.model, device=cfg.model.device)
+    return dataclasses.replace(cfg, model=model, method=trained.method), state
 
 
 # ---- the stream -------------------------------------------------------------------------------------------
@@ -445,10 +445,9 @@ def stream_pool(cfg: RunConfig, tokenizer: Any) -> tuple[list, TokenizedRecords]
 
 def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a stream in its run folder, locked while it runs; returns the summary."""
-
+    check_sequential(cfg.sequential)
+    cfg = with_changes(cfg, {"sequential.run_name": cfg.sequential.run_name or default_stream_name(cfg)})
     seq = cfg.sequential
-    check_sequential(seq)
-    seq.run_name = seq.run_name or default_stream_name(cfg)
     run_dir = output_dir(cfg.train.out_dir) / seq.run_name
     if (run_dir / SUMMARY_NAME).exists():
         raise ConfigError(f"{run_dir} already holds a sequential run; choose another sequential.run_name")
@@ -462,7 +461,6 @@ def run(cfg: RunConfig, checkpoint_state: dict[str, Any] | None = None) -> dict[
 
 def run_in_folder(cfg: RunConfig, run_dir: Path, checkpoint_state: dict[str, Any] | None) -> dict[str, Any]:
     """Load the model, build the editor, run the stream, write and log everything; returns the summary."""
-
     seq = cfg.sequential
     device = pick_device(cfg.model.device)
     model, tokenizer = load_frozen_lm(cfg.model.source, dtype=cfg.model.dtype, device=str(device))

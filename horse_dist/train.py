@@ -13,16 +13,17 @@ import sys
 import torch
 
 from horse_dist.cli import run_cli, setup_logging
-from horse_dist.config import ConfigError, RunConfig, load_config, print_config, split_cli
+from horse_dist.config import ConfigError, RunConfig, load_config, print_config, split_cli, with_changes
 from horse_dist.dist.world import LocalWorld
 from horse_dist.process import exit_on_sigterm
 from horse_dist.training.checkpoint import LocalCheckpointStore, has_checkpoint
-from horse_dist.training.loop import owned_run_dir, resumed_config, run_folder, run_tracked
+from horse_dist.training.loop import named_run, owned_run_dir, resumed_config, run_folder, run_tracked
 from horse_dist.training.ray_trainer import run_ray
 
 
 def run_local(cfg: RunConfig) -> dict[str, float]:
     """The training loop in this process, in its own run folder and MLflow run."""
+    cfg = named_run(cfg)
     with owned_run_dir(cfg) as run_dir:
         store = LocalCheckpointStore(run_dir, keep=cfg.train.keep_checkpoints)
         return run_tracked(cfg, run_dir, LocalWorld(), store)
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if cfg.train.resume_if_exists and not cfg.train.resume:
         if not cfg.train.run_name:
             raise ConfigError("train.resume_if_exists=true needs train.run_name (the run folder to continue)")
-        cfg.train.resume = has_checkpoint(run_folder(cfg))
+        cfg = with_changes(cfg, {"train.resume": has_checkpoint(run_folder(cfg))})
     if cfg.train.resume:
         cfg = resumed_config(cfg, cli.overrides)
     if cli.show_config:

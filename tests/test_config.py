@@ -1,3 +1,4 @@
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from horse_dist.config import (
     load_config_with_extras,
     split_cli,
     to_yaml,
+    with_changes,
 )
 
 
@@ -141,3 +143,14 @@ def test_cfg_job_prints_the_resolved_config_and_runs_nothing(tmp_path):
     assert printed == yaml.safe_load(to_yaml(load_config(None, args[:3])))
     assert printed["method"]["name"] == "malmen" and printed["train"]["steps"] == 7
     assert list(tmp_path.iterdir()) == []  # no run folder, no mlflow.db
+
+
+def test_a_loaded_config_is_frozen_and_changes_make_a_copy():
+    cfg = load_config(None, ["train.steps=3"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 4  # type: ignore[misc]
+    named = with_changes(cfg, {"train.run_name": "mine", "model.device": "cpu"})
+    assert (named.train.run_name, named.model.device, named.train.steps) == ("mine", "cpu", 3)
+    assert (cfg.train.run_name, cfg.model.device) == ("", "auto")  # the original is untouched
+    with pytest.raises(ConfigError, match="unknown config key 'train.stpes'; did you mean train.steps"):
+        with_changes(cfg, {"train.stpes": 4})

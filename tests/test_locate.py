@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_models import build_tiny_model
 
-from horse_dist.config import RunConfig
+from horse_dist.config import RunConfig, with_changes
 from horse_dist.data import EditRecord, load_records, tokenize_examples
 from horse_dist.editor.mose import frobenius_and_condition
 from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
@@ -59,16 +59,15 @@ def _random_stats(model, names, n_tokens=400, seed=0):
 
 
 def _cfg(method="mose", **locate):
-    cfg = RunConfig()
-    cfg.locate.method = method
-    cfg.locate.layers = [1, 2]
-    cfg.locate.v_steps = 8
-    cfg.locate.n_prefixes = 2
-    cfg.locate.prefix_len = 3
-    cfg.locate.lam = 1.0
-    for key, value in locate.items():
-        setattr(cfg.locate, key, value)
-    return cfg
+    settings = {
+        "method": method,
+        "layers": [1, 2],
+        "v_steps": 8,
+        "n_prefixes": 2,
+        "prefix_len": 3,
+        "lam": 1.0,
+    }
+    return with_changes(RunConfig(), {f"locate.{k}": v for k, v in {**settings, **locate}.items()})
 
 
 def _no_hooks_left(model):
@@ -370,9 +369,8 @@ def test_mose_edits_smollm2_counterfact():
     from horse_dist.lm.load import load_frozen_lm
 
     model, tokenizer = load_frozen_lm("smollm2-135m")
-    cfg = RunConfig()
-    cfg.locate.layers, cfg.locate.select_layer = [4, 5, 6], False
-    cfg.locate.lam, cfg.locate.v_steps, cfg.locate.n_prefixes = 10.0, 10, 1
+    settings = {"layers": [4, 5, 6], "select_layer": False, "lam": 10.0, "v_steps": 10, "n_prefixes": 1}
+    cfg = with_changes(RunConfig(), {f"locate.{k}": v for k, v in settings.items()})
     names = locate_module_names(cfg.locate, model)
     corpus = [f"{r.prompt} {r.answer}" for r in load_records("data/zsre/zsre_mend_eval_tail.json", limit=100)]
     stats = _mean_second_moment(model, tokenizer, names, corpus)

@@ -1,5 +1,7 @@
 """The whole caches -> shifts -> meta-gradient chain against float64 autograd through an explicit solve."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,9 +68,9 @@ def explicit_shifts(bank: HyperNetBank, keys, grads, spread: str):
 def test_meta_backward_equals_autograd_through_the_whole_chain(spread, form, keep_graph):
     keys, grads = caches()
     bank, method = make_bank(spread)
-    method.solve_form, method.solve_dtype = form, "float64"
-    if keep_graph:
-        method.chunk_rows = 1024  # all rows in one chunk: the forward's graph is kept for the backward
+    # keep_graph: all rows in one chunk, so the forward's graph is kept for the backward
+    changes = {"solve_form": form, "solve_dtype": "float64"} | ({"chunk_rows": 1024} if keep_graph else {})
+    method = dataclasses.replace(method, **changes)
     update_normalizers(bank, keys, grads, LocalWorld())
     targets = [torch.randn(D_IN, D_OUT, dtype=torch.float64) for _ in range(LAYERS)]
 

@@ -184,9 +184,9 @@ def test_fake_stream_is_cumulative_with_exact_curves():
             "sequential.batch_size=3",
             "sequential.eval_every=2",
             "sequential.retention_edits=4",
+            "sequential.sample_edits=5",
         ],
     ).sequential
-    seq.sample_edits = 5
     editor, scorer, tracker = FakeEditor(model), RecordingScorer(), RecordingTracker()
     result = sequential.run_stream(editor, model, stream, scorer, seq, tracker)
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from horse_dist.config import ConfigError, RunConfig
+from horse_dist.config import ConfigError, RunConfig, with_changes
 from horse_dist.data import EditRecord, tokenize_examples
 from horse_dist.dist.world import LocalWorld
 from horse_dist.editor.memory import RidgeMemory, remembered_step
@@ -122,7 +122,7 @@ def hypernet_editor(
 
 def locate_editor(cfg: RunConfig, model: nn.Module, tokenizer: Any) -> Editor:
     """MOSE / MEMIT from horse_dist.locate, with C0 per module it may change from horse_dist.keystats."""
-    cfg.locate.method = cfg.sequential.method
+    cfg = with_changes(cfg, {"locate.method": cfg.sequential.method})
     names = locate_module_names(cfg.locate, model)
     stats = load_or_compute_stats(cfg, cfg.model.source, names, model, tokenizer)
     # locate.lam is calibrated on MEMIT's scale, the mean E[k kᵀ]; `sum` passes K0 K0ᵀ itself

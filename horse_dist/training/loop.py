@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from horse_dist.config import ConfigError, RunConfig, config_from_yaml, flatten, to_yaml
+from horse_dist.config import ConfigError, RunConfig, config_from_yaml, flatten, to_yaml, with_changes
 from horse_dist.data import (
     TokenizedRecords,
     meta_batch_indices,
@@ -129,11 +129,8 @@ def resumed_config(cfg: RunConfig, overrides: list[str]) -> RunConfig:
             f"{run_dir}: nothing to resume (no checkpoint); drop train.resume=true to start a new run there"
         )
     resumed = config_from_yaml(state["config"], overrides)
-    resumed.train.out_dir, resumed.train.run_name, resumed.train.resume = (
-        cfg.train.out_dir,
-        cfg.train.run_name,
-        True,
-    )
+    here = {"train.out_dir": cfg.train.out_dir, "train.run_name": cfg.train.run_name, "train.resume": True}
+    resumed = with_changes(resumed, here)
     check_resume(state["config"], resumed, run_dir)
     return resumed
 
@@ -215,11 +212,17 @@ def plan_block_cache(
         log.info("block-input cache on: %s; projected hit rate from epoch 2: 1.0", need)
 
 
+def named_run(cfg: RunConfig) -> RunConfig:
+    """The config with its run name: train.run_name, or <method>-<model>-<data>-<time> when it is empty."""
+    return with_changes(cfg, {"train.run_name": cfg.train.run_name or default_run_name(cfg)})
+
+
 @contextmanager
 def owned_run_dir(cfg: RunConfig) -> Iterator[Path]:
     """The run folder, locked for this run: a new run refuses a folder holding a checkpoint (a resume's config
     was checked by resumed_config); orphaned temporary files of an interrupted write are removed."""
-    cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
+    if not cfg.train.run_name:
+        raise ValueError("owned_run_dir needs a named run: pass the config through named_run first")
     run_dir = run_folder(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = RunFolderLock(run_dir).acquire()

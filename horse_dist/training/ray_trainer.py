@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from horse_dist.config import config_from_yaml, to_yaml
+from horse_dist.config import config_from_yaml, to_yaml, with_changes
 from horse_dist.dist.ray_cluster import ensure_ray
 from horse_dist.dist.world import TorchWorld
 from horse_dist.process import setup_logging
@@ -41,7 +41,7 @@ from horse_dist.training.checkpoint import (
     load_run_checkpoint,
     save_run_checkpoint,
 )
-from horse_dist.training.loop import owned_run_dir, run_tracked
+from horse_dist.training.loop import named_run, owned_run_dir, run_tracked
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())
     store = RayCheckpointStore(run_dir, world.rank, cfg.train.keep_checkpoints)
     # A restarted worker group (or a resubmitted run with resume=true) continues from the last checkpoint.
-    cfg.train.resume = store.has_checkpoint()
+    cfg = with_changes(cfg, {"train.resume": store.has_checkpoint()})
     if world.rank == 0:
         with (run_dir / ATTEMPTS_LOG).open("a") as handle:
             handle.write(json.dumps({"time": time.time(), **store.describe()}) + "\n")
@@ -161,7 +161,7 @@ def worker_entry(loop_config: dict[str, Any]) -> None:
 
 def run_ray(cfg, env: dict[str, str] | None = None) -> dict[str, float]:
     """Launch `train_worker` on cfg.dist.num_workers Ray Train workers; returns rank 0's results."""
-    cfg.tracking.uri = absolute_tracking_uri(cfg.tracking.uri)
+    cfg = named_run(with_changes(cfg, {"tracking.uri": absolute_tracking_uri(cfg.tracking.uri)}))
     with owned_run_dir(cfg) as run_dir:  # the driver holds the folder's lock while the workers run
         return _fit(cfg, run_dir.resolve(), env)
 
