@@ -326,12 +326,12 @@ class MLflowTracker:
             )
         if any(k in LOSS_KEYS for k in self.history):  # a training run (not an evaluation or sweep)
             self._log_loss_plot()
-        if self._broken and self._fluent:  # release this thread's active run; the store may still fail
-            try:
-                self._end_run(status)
-            except Exception as err:
-                log.warning("MLflow end_run failed (%s)", err)
-        self._safely("end_run", self._end_run, status)
+        if self._broken and not self._fluent:
+            return  # the store failed earlier and this thread holds no active run of ours to release
+        try:  # a fluent run is ended even after a failure, so this thread's active-run stack is released
+            self._end_run(status)
+        except Exception as err:
+            log.warning("MLflow end_run failed (%s)", err)
 
     def _end_run(self, status: str) -> None:
         import mlflow

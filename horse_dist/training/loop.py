@@ -278,8 +278,12 @@ TRAIN_SCALARS = {
     "tokens",
     "skipped_steps",
 }
-PERF_SCALARS = {"step_seconds": "step_s", "edits_per_s": "edits_per_s", "peak_rss_gb": "peak_rss_gb"}
-PERF_SCALARS["peak_device_gb"] = "peak_device_gb"
+PERF_SCALARS = {  # the step's own name -> its perf/ name
+    "step_seconds": "step_s",
+    "edits_per_s": "edits_per_s",
+    "peak_rss_gb": "peak_rss_gb",
+    "peak_device_gb": "peak_device_gb",
+}
 WORKER_SUFFIX = re.compile(r"(.*)/w(\d+)")  # gather_worker_metrics' per-worker copies
 
 
