@@ -1,9 +1,8 @@
 """The Kubernetes deployment files in k8s/, checked offline.
 
-Every YAML document parses; every kustomization is rendered by k8s/kustomize_lite.py (resources, namespace,
-name prefix/suffix, JSON6902 patches, images: the subset of kustomize the files use; anything else is
-refused) and every
-resulting manifest validates against the Kubernetes schemas bundled with `kubernetes-validate` (strict) or,
+Every YAML document parses; every kustomization is rendered by k8s/kustomize_lite.py (resources, ConfigMap
+generators, namespace, name prefix/suffix with declared name references, JSON6902 patches, images: the
+subset of kustomize the files use; anything else is refused) and every resulting manifest validates against the Kubernetes schemas bundled with `kubernetes-validate` (strict) or,
 for RayJob/RayCluster, against k8s/schemas/kuberay/ray.io_v1.schema.json. The manifests may only name
 images built by the README's `docker build` commands (or pinned third-party ones), run configs that exist and
 resolve with `load_config` under the pods' environment, and secrets the README creates. GPU pods need
@@ -13,12 +12,14 @@ each check catches the mistake it is there for.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib.util
 import json
 import re
 import shlex
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 # the renderer is a tool of k8s/ (python k8s/kustomize_lite.py DIR), not a package module: load it by path
 _spec = importlib.util.spec_from_file_location("kustomize_lite", REPO / "k8s" / "kustomize_lite.py")
 kustomize_lite = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = kustomize_lite  # registered first: its dataclasses look themselves up there
 _spec.loader.exec_module(kustomize_lite)
 KustomizeError, load_docs, render = (
     kustomize_lite.KustomizeError,
@@ -228,6 +230,9 @@ def reference_problems(
             claim = volume.get("persistentVolumeClaim", {}).get("claimName")
             if claim is not None and claim not in claims:
                 problems.append(f"{label}: PVC {claim!r} is not created by k8s/{PLATFORM}")
+            config_map = volume.get("configMap", {}).get("name")
+            if config_map is not None and config_map not in config_maps:
+                problems.append(f"{label}: volume {volume['name']!r} names missing ConfigMap {config_map!r}")
         for container in pod.get("containers", []) + pod.get("initContainers", []):
             for mount in container.get("volumeMounts", []):
                 if mount["name"] not in volumes and mount["name"] not in claim_templates:
@@ -317,6 +322,17 @@ def dockerfile_workdir(dockerfile: Path) -> str:
     return re.findall(r"^WORKDIR (\S+)", dockerfile.read_text(), flags=re.M)[-1]
 
 
+def in_trainer_image(path: str) -> bool:
+    """Whether the trainer image holds repository file `path`: the Dockerfile copies a folder above it and
+    its dockerignore (everything out, then `!` exceptions) lets the file through."""
+    copied = re.findall(r"^COPY (?:--\S+ )*(\S+) ", trainer_dockerfile().read_text(), flags=re.M)
+    if not any(path == source or path.startswith(source.rstrip("/") + "/") for source in copied):
+        return False
+    ignore = (K8S / "docker" / "Dockerfile.dockerignore").read_text().splitlines()
+    allowed = [line[1:] for line in ignore if line.startswith("!")]
+    return any(fnmatch.fnmatch(path, pattern) or path.startswith(pattern + "/") for pattern in allowed)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Entrypoints
 
@@ -364,27 +380,54 @@ def mount_paths(pod: Doc, claim: str) -> set[str]:
     return {m["mountPath"] for m in pod["containers"][0].get("volumeMounts", []) if m["name"] in names}
 
 
-def check_run(doc: Doc, entrypoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The entrypoint, run on `doc`'s head, names existing files and its config resolves under the head's
-    environment; the run's paths live on the shared PVC and its workers match the cluster's GPUs."""
+def mounted_file(head: Doc, path: str, docs: list[Doc]) -> str:
+    """The text of `path` in the head's container: a key of a ConfigMap volume from the same rendering."""
+    folder, key = str(Path(path).parent), Path(path).name
+    mounts = [m for m in head["containers"][0].get("volumeMounts", []) if m["mountPath"] == folder]
+    assert mounts, f"{path}: no volume is mounted at {folder} on the head"
+    volume = next(v for v in head.get("volumes", []) if v["name"] == mounts[0]["name"])
+    assert "configMap" in volume, f"{path}: the volume at {folder} is not a ConfigMap"
+    name = volume["configMap"]["name"]
+    found = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == name]
+    assert found, f"{path}: ConfigMap {name!r} is not in the rendering"
+    assert key in found[0].get("data", {}), f"{path}: ConfigMap {name!r} has no key {key!r}"
+    return found[0]["data"][key]
+
+
+def run_file(head: Doc, config: str, docs: list[Doc]) -> Path:
+    """Where `--config` points on the head, as a local file: a mounted ConfigMap key, or a repository file
+    the image holds (relative to the head's workingDir, the repository folder in the image)."""
+    if Path(config).is_absolute():
+        local = Path(tempfile.mkdtemp(prefix="k8s_run_")) / Path(config).name
+        local.write_text(mounted_file(head, config, docs))
+        return local
+    assert head["containers"][0].get("workingDir") == dockerfile_workdir(trainer_dockerfile()), (
+        "the head's workingDir must be the repository folder in the image, where relative paths resolve"
+    )
+    assert (REPO / config).is_file(), f"{config} does not exist in the repository"
+    assert in_trainer_image(config), f"{config} is not copied into the trainer image"
+    return REPO / config
+
+
+def check_run(docs: list[Doc], entrypoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entrypoint, run on the head of the rendering's Ray resource, names existing files and its config
+    resolves under the head's environment; the run's paths live on the shared PVC and its workers match the
+    cluster's GPUs."""
+    (doc,) = [d for d in docs if d["kind"] in RAY_KINDS]
     assert entrypoint_problems(entrypoint) == []
     module, config, overrides = split_entrypoint(entrypoint)
     assert module_file(module).is_file(), f"{module} is not {module_file(module)}"
     cluster = ray_cluster_spec(doc)
     head = cluster["headGroupSpec"]["template"]["spec"]
     head_container = head["containers"][0]
-    assert head_container.get("workingDir") == dockerfile_workdir(trainer_dockerfile()), (
-        "the head's workingDir must be the repository folder in the image, where configs/ resolves"
-    )
-    assert not Path(config).is_absolute() and Path(config).parts[0] == "configs", config
-    assert (REPO / config).is_file(), f"{config} does not exist in the repository"
+    local_config = run_file(head, config, docs)
 
     config_maps, claims = platform_index()
     env = container_env(head_container, config_maps)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # must come from the manifests
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    cfg = load_config(REPO / config, [expand_env(o, env) for o in overrides])
+    cfg = load_config(local_config, [expand_env(o, env) for o in overrides])
 
     assert cfg.tracking.enabled and cfg.tracking.uri == env["MLFLOW_TRACKING_URI"]
     assert cfg.tracking.uri.startswith("http://mlflow:"), cfg.tracking.uri
@@ -434,27 +477,42 @@ def kustomization_resource_files() -> set[Path]:
     return used
 
 
+def kustomization_input_files() -> set[Path]:
+    """Files a kustomization reads that are not manifests: ConfigMap generator files, configurations."""
+    used = set()
+    for kustomization in K8S.rglob("kustomization.yaml"):
+        spec = yaml.safe_load(kustomization.read_text())
+        entries = [*spec.get("configurations", [])]
+        for generator in spec.get("configMapGenerator", []):
+            entries += [item.rpartition("=")[2] for item in generator.get("files", [])]
+        used |= {(kustomization.parent / entry).resolve() for entry in entries}
+    return used
+
+
+def manifest_files() -> list[Path]:
+    inputs = kustomization_input_files()
+    return [p for p in all_yaml_files() if p.name != "kustomization.yaml" and p.resolve() not in inputs]
+
+
 def test_every_yaml_document_parses_and_every_manifest_is_used():
     files = all_yaml_files()
     assert {f.parent.relative_to(K8S).as_posix() for f in files if f.name == "kustomization.yaml"} == set(
         KUSTOMIZATIONS
     )
     used = kustomization_resource_files()
+    inputs = kustomization_input_files()
+    assert all(path.is_file() for path in inputs), inputs
     for path in files:
         docs = load_docs(path)  # raises on a YAML error
         assert docs, f"{path} is empty"
-        if path.name == "kustomization.yaml":
+        if path.name == "kustomization.yaml" or path.resolve() in inputs:
             continue
         assert path.resolve() in used, f"{path} is not a resource of any kustomization (so never validated)"
         for doc in docs:
             assert {"apiVersion", "kind", "metadata"} <= set(doc), f"{path}: not a Kubernetes object"
 
 
-@pytest.mark.parametrize(
-    "path",
-    [p for p in all_yaml_files() if p.name != "kustomization.yaml"],
-    ids=lambda p: str(p.relative_to(K8S)),
-)
+@pytest.mark.parametrize("path", manifest_files(), ids=lambda p: str(p.relative_to(K8S)))
 def test_source_manifests_validate(path):
     for doc in load_docs(path):
         assert schema_errors(doc) == []
@@ -482,16 +540,27 @@ def test_rendered_resources():
         ("Service", "mlflow-postgres"),
         ("StatefulSet", "mlflow-postgres"),
     ]
-    assert kinds["base"] == [("RayJob", "horse-dist-train")]
-    assert kinds["overlays/llama2-7b-8gpu"] == [("RayJob", "horse-dist-train-llama2-7b")]
-    assert kinds["overlays/llama2-13b-8gpu-offload"] == [("RayJob", "horse-dist-train-llama2-13b-offload")]
+    assert kinds["base"] == [("ConfigMap", "horse-dist-run"), ("RayJob", "horse-dist-train")]
+    assert kinds["overlays/llama2-7b-8gpu"] == [
+        ("ConfigMap", "horse-dist-run-llama2-7b"),
+        ("RayJob", "horse-dist-train-llama2-7b"),
+    ]
+    assert kinds["overlays/llama2-13b-8gpu-offload"] == [
+        ("ConfigMap", "horse-dist-run-llama2-13b-offload"),
+        ("RayJob", "horse-dist-train-llama2-13b-offload"),
+    ]
     assert kinds["raycluster"] == [("RayCluster", "horse-dist-dev")]
 
 
 def rayjob(name: str) -> Doc:
-    (doc,) = rendered(name)
-    assert doc["kind"] == "RayJob"
+    (doc,) = [d for d in rendered(name) if d["kind"] == "RayJob"]
     return doc
+
+
+def head_volumes(doc: Doc) -> dict[str, Doc]:
+    return {
+        v["name"]: v for v in doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    }
 
 
 @pytest.mark.parametrize("name", [n for n in WORKLOADS if n != "raycluster"])
@@ -507,9 +576,16 @@ def test_overlays_patch_the_base():
     base = rayjob("base")
     seven = rayjob("overlays/llama2-7b-8gpu")
     thirteen = rayjob("overlays/llama2-13b-8gpu-offload")
-    assert "k8s_smoke_smollm2_8gpu.yaml" in base["spec"]["entrypoint"]
-    assert "k8s_llama2_7b_8gpu.yaml" in seven["spec"]["entrypoint"]
-    assert "k8s_llama2_13b_8gpu_offload.yaml" in thirteen["spec"]["entrypoint"]
+    # one entrypoint; each job's head mounts its own run file, the run.yaml beside its kustomization
+    assert base["spec"]["entrypoint"] == seven["spec"]["entrypoint"] == thirteen["spec"]["entrypoint"]
+    for name, doc in (
+        ("base", base),
+        ("overlays/llama2-7b-8gpu", seven),
+        ("overlays/llama2-13b-8gpu-offload", thirteen),
+    ):
+        head = doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+        config = split_entrypoint(doc["spec"]["entrypoint"])[1]
+        assert mounted_file(head, config, rendered(name)) == (K8S / name / "run.yaml").read_text()
 
     def worker(doc: Doc) -> Doc:
         return doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
@@ -520,8 +596,10 @@ def test_overlays_patch_the_base():
         assert container["resources"]["limits"][GPU] == 8
         dshm = [v for v in worker(doc)["volumes"] if v["name"] == "dshm"]
         assert dshm[0]["emptyDir"] == {"medium": "Memory", "sizeLimit": shm}
-    # everything but the patched fields is the base's
-    for doc in (seven, thirteen):
+    # everything but the patched fields and the run file's ConfigMap is the base's
+    for doc, suffix in ((seven, "-llama2-7b"), (thirteen, "-llama2-13b-offload")):
+        assert head_volumes(doc)["run"]["configMap"]["name"] == "horse-dist-run" + suffix
+        head_volumes(doc)["run"]["configMap"]["name"] = "horse-dist-run"
         assert (
             doc["spec"]["rayClusterSpec"]["headGroupSpec"] == base["spec"]["rayClusterSpec"]["headGroupSpec"]
         )
@@ -529,9 +607,9 @@ def test_overlays_patch_the_base():
 
 def test_run_configs_load_with_offload_only_for_13b(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    seven = load_config(REPO / "configs/k8s_llama2_7b_8gpu.yaml")
-    thirteen = load_config(REPO / "configs/k8s_llama2_13b_8gpu_offload.yaml")
-    smoke = load_config(REPO / "configs/k8s_smoke_smollm2_8gpu.yaml")
+    seven = load_config(K8S / "overlays/llama2-7b-8gpu/run.yaml")
+    thirteen = load_config(K8S / "overlays/llama2-13b-8gpu-offload/run.yaml")
+    smoke = load_config(K8S / "base/run.yaml")
     assert (seven.model.source, seven.dist.zero_stage, seven.dist.offload_params) == (
         "meta-llama/Llama-2-7b-hf",
         3,
@@ -550,9 +628,10 @@ def test_run_configs_load_with_offload_only_for_13b(monkeypatch):
 
 @pytest.mark.parametrize("name", WORKLOADS)
 def test_entrypoints_and_configs_resolve(name, monkeypatch):
-    (doc,) = rendered(name)
+    docs = rendered(name)
+    (doc,) = [d for d in docs if d["kind"] in RAY_KINDS]
     if doc["kind"] == "RayJob":
-        check_run(doc, doc["spec"]["entrypoint"], monkeypatch)
+        check_run(docs, doc["spec"]["entrypoint"], monkeypatch)
     else:  # the RayCluster: the README's `ray job submit` commands run on it
         submits = [line for line in readme_commands() if line.startswith("ray job submit")]
         assert len(submits) >= 2
@@ -560,7 +639,7 @@ def test_entrypoints_and_configs_resolve(name, monkeypatch):
             tokens = shlex.split(line)
             flags, entry = tokens[: tokens.index("--")], tokens[tokens.index("--") + 1 :]
             assert "--address" in flags, f"README's ray job submit has no --address: {line}"
-            check_run(doc, shlex.join(entry), monkeypatch)
+            check_run(docs, shlex.join(entry), monkeypatch)
 
 
 @pytest.mark.parametrize("name", WORKLOADS)
@@ -579,10 +658,16 @@ def test_references_exist():
         problem
         for name in KUSTOMIZATIONS
         for doc in rendered(name)
-        for problem in reference_problems(doc, config_maps, claims, secrets)
+        for problem in reference_problems(
+            doc, {**config_maps, **generated_config_maps(name)}, claims, secrets
+        )
     ]
     assert problems == []
     assert "MLFLOW_TRACKING_URI" in config_maps["horse-dist-env"]
+
+
+def generated_config_maps(name: str) -> dict[str, dict[str, str]]:
+    return {d["metadata"]["name"]: d["data"] for d in rendered(name) if d["kind"] == "ConfigMap"}
 
 
 def test_images_are_built_by_the_readme_and_pinned():
@@ -613,7 +698,8 @@ def test_images_are_built_by_the_readme_and_pinned():
     )
     for name in WORKLOADS:
         for doc in rendered(name):
-            assert ray_cluster_spec(doc)["rayVersion"] == trainer_args["RAY_VERSION"]
+            if doc["kind"] in RAY_KINDS:
+                assert ray_cluster_spec(doc)["rayVersion"] == trainer_args["RAY_VERSION"]
 
 
 def test_readme_commands():
@@ -760,10 +846,12 @@ def test_gpu_policy_catches(mistake):
     assert gpu_policy_problems(doc) != []
 
 
-@pytest.mark.parametrize("field", ["secret", "secret key", "configmap", "pvc", "volume"])
+@pytest.mark.parametrize("field", ["secret", "secret key", "configmap", "pvc", "volume", "run file"])
 def test_reference_check_catches(field):
     config_maps, claims = platform_index()
+    config_maps |= generated_config_maps("base")
     doc = rayjob("base")
+    assert reference_problems(doc, config_maps, claims, readme_secrets()) == []
     worker = _base_worker(doc)
     container = worker["containers"][0]
     if field == "secret":
@@ -774,6 +862,8 @@ def test_reference_check_catches(field):
         container["envFrom"][0]["configMapRef"]["name"] = "horse-dist-environment"
     elif field == "pvc":
         worker["volumes"][0]["persistentVolumeClaim"]["claimName"] = "data"
+    elif field == "run file":  # e.g. an overlay renamed the ConfigMap but not the head's reference to it
+        head_volumes(doc)["run"]["configMap"]["name"] = "horse-dist-run-llama2-7b"
     else:
         container["volumeMounts"][0]["name"] = "scratch"
     assert reference_problems(doc, config_maps, claims, readme_secrets()) != []
@@ -782,9 +872,9 @@ def test_reference_check_catches(field):
 @pytest.mark.parametrize(
     "entrypoint",
     [
-        "python -m horse_dist.train --config configs/k8s_llama2_7b_8gpu.yaml tracking.uri=$MLFLOW_TRACKING_URI",
-        "cd /tmp; python -m horse_dist.train --config configs/k8s_llama2_7b_8gpu.yaml",
-        "python -m horse_dist.trainer --config configs/k8s_llama2_7b_8gpu.yaml",
+        "python -m horse_dist.train --config /etc/horse-dist/run.yaml tracking.uri=$MLFLOW_TRACKING_URI",
+        "cd /tmp; python -m horse_dist.train --config /etc/horse-dist/run.yaml",
+        "python -m horse_dist.trainer --config /etc/horse-dist/run.yaml",
     ],
 )
 def test_entrypoint_check_catches(entrypoint):
@@ -798,35 +888,30 @@ def test_expand_env():
 @pytest.mark.parametrize(
     "entrypoint, error",
     [
-        ("python -m horse_dist.train --config configs/k8s_llama2_7b.yaml", AssertionError),
+        ("python -m horse_dist.train --config /etc/horse-dist/llama2-7b.yaml", AssertionError),
+        ("python -m horse_dist.train --config /etc/horse/run.yaml", AssertionError),
+        ("python -m horse_dist.train --config k8s/overlays/llama2-7b/run.yaml", AssertionError),
+        ("python -m horse_dist.train --config k8s/base/kustomization.yaml", AssertionError),
+        ("python -m horse_dist.train --config /etc/horse-dist/run.yaml dist.zero_stage=2", ConfigError),
+        ("python -m horse_dist.train --config /etc/horse-dist/run.yaml dist.num_workers=4", AssertionError),
+        ("python -m horse_dist.train --config /etc/horse-dist/run.yaml train.out_dir=runs", AssertionError),
         (
-            "python -m horse_dist.train --config configs/k8s_llama2_7b_8gpu.yaml dist.zero_stage=2",
-            ConfigError,
-        ),
-        (
-            "python -m horse_dist.train --config configs/k8s_llama2_7b_8gpu.yaml dist.num_workers=4",
-            AssertionError,
-        ),
-        (
-            "python -m horse_dist.train --config configs/k8s_llama2_7b_8gpu.yaml train.out_dir=runs",
-            AssertionError,
-        ),
-        (
-            "python -m horse_dist.train --config configs/k8s_llama2_7b_8gpu.yaml data.eval_path=/data/x.json",
+            "python -m horse_dist.train --config /etc/horse-dist/run.yaml data.eval_path=/data/x.json",
             AssertionError,
         ),
     ],
 )
 def test_run_check_catches(entrypoint, error, monkeypatch):
     with pytest.raises(error):
-        check_run(rayjob("overlays/llama2-7b-8gpu"), entrypoint, monkeypatch)
+        check_run(rendered("overlays/llama2-7b-8gpu"), entrypoint, monkeypatch)
 
 
 def test_run_check_needs_the_tracking_uri_from_the_manifests(monkeypatch):
-    doc = rayjob("base")
+    docs = rendered("base")
+    doc = next(d for d in docs if d["kind"] == "RayJob")
     doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0].pop("envFrom")
     with pytest.raises(Exception, match="MLFLOW_TRACKING_URI"):
-        check_run(doc, doc["spec"]["entrypoint"], monkeypatch)
+        check_run(docs, doc["spec"]["entrypoint"], monkeypatch)
 
 
 def test_renderer_refuses_what_it_does_not_implement(tmp_path):
@@ -852,6 +937,71 @@ def test_renderer_refuses_what_it_does_not_implement(tmp_path):
     assert doc["metadata"] == {"name": "x-s", "namespace": "ns"} and doc["data"] == {"a": "b", "c": "d"}
 
 
+def _kustomization(folder: Path, text: str, **files: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n" + text
+    )
+    for name, content in files.items():
+        (folder / name.replace("__", ".")).write_text(content)
+    return folder
+
+
+POD = (
+    "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\n"
+    "spec: {containers: [{name: c, image: i}], volumes: [{name: run, configMap: {name: run}}]}\n"
+)
+GENERATED = (
+    "resources: [pod.yaml]\nconfigMapGenerator: [{name: run, files: [run.yaml]}]\n"
+    "generatorOptions: {disableNameSuffixHash: true}\n"
+)
+
+
+def test_renderer_generates_config_maps_and_renames_declared_references(tmp_path):
+    """An overlay replaces the base's generated ConfigMap and renames it; the declared reference follows."""
+    config = "nameReference:\n- kind: ConfigMap\n  fieldSpecs:\n  - {kind: Pod, path: spec/volumes/configMap/name}\n"
+    base = _kustomization(
+        tmp_path / "base",
+        GENERATED + "configurations: [refs.yaml]\n",
+        pod__yaml=POD,
+        run__yaml="a: 1\n",
+        refs__yaml=config,
+    )
+    assert render(base)[1] == {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "run"},
+        "data": {"run.yaml": "a: 1\n"},
+    }
+    overlay = _kustomization(
+        tmp_path / "overlay",
+        "resources: [../base]\nnameSuffix: -x\ngeneratorOptions: {disableNameSuffixHash: true}\n"
+        "configMapGenerator: [{name: run, behavior: replace, files: [run.yaml], literals: [k=v]}]\n",
+        run__yaml="b: 2\n",
+    )
+    pod, config_map = render(overlay)
+    assert pod["spec"]["volumes"][0]["configMap"]["name"] == config_map["metadata"]["name"] == "run-x"
+    assert config_map["data"] == {"run.yaml": "b: 2\n", "k": "v"}
+
+
+def test_renderer_refuses_generators_it_cannot_render_exactly(tmp_path):
+    cases = {
+        # kustomize would hash the name
+        "resources: [pod.yaml]\nconfigMapGenerator: [{name: run, files: [run.yaml]}]\n": "name hashes",
+        GENERATED.replace("[run.yaml]", "[../run.yaml]"): "outside the kustomization root",
+        GENERATED.replace("[run.yaml]", "[missing.yaml]"): "does not exist",
+        GENERATED.replace("files: [run.yaml]", "behavior: merge, files: [run.yaml]"): "needs exactly one",
+        GENERATED.replace("files: [run.yaml]", "literals: [novalue]"): "not KEY=VALUE",
+        # a rename would leave the Pod's reference stale: kustomize's built-in references are not implemented
+        GENERATED + "nameSuffix: -x\n": "reference to it is not declared",
+    }
+    (tmp_path / "run.yaml").write_text("a: 1\n")
+    for text, message in cases.items():
+        folder = _kustomization(tmp_path / "k", text, pod__yaml=POD, run__yaml="a: 1\n")
+        with pytest.raises(KustomizeError, match=message):
+            render(folder)
+
+
 def test_split_image():
     assert split_image("host:5000/team/horse-dist:0.1.0") == ("host:5000/team/horse-dist", "0.1.0", None)
     assert split_image("postgres") == ("postgres", None, None)
@@ -865,7 +1015,10 @@ def test_the_renderer_is_a_command(tmp_path):
     done = subprocess.run([*tool, str(K8S / "overlays" / "llama2-7b-8gpu")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     docs = list(yaml.safe_load_all(done.stdout))
-    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [("RayJob", "horse-dist-train-llama2-7b")]
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
+        ("RayJob", "horse-dist-train-llama2-7b"),
+        ("ConfigMap", "horse-dist-run-llama2-7b"),
+    ]
     assert docs == rendered("overlays/llama2-7b-8gpu")
     bad = subprocess.run([*tool, str(tmp_path)], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip() == f"error: {tmp_path} has no kustomization.yaml"
