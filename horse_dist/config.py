@@ -169,8 +169,8 @@ class TrackingConfig:
     system_metrics: bool = True  # MLflow's CPU/memory/GPU sampler (psutil)
     system_metrics_interval_s: float = 10.0
     register_model: bool = True  # register the final hypernetwork as horse_dist-<model>-<method>
-    queue_size: int = 1000  # metric batches buffered for the background logger; more are dropped, counted
-    flush_timeout_s: float = 30.0  # how long finish() waits for the buffered metrics
+    queue_size: int = 1000  # metric batches in flight (MLflow async logging); more are dropped, counted
+    flush_timeout_s: float = 30.0  # how long finish() waits for the batches in flight
     http_timeout_s: float = 10.0  # per request to a tracking server
     http_retries: int = 1
     parent_run_id: str = ""  # log this run as a nested child of that run (set by python -m horse_dist.sweep)

@@ -1,22 +1,24 @@
 """Experiment tracking (rank 0 only). A tracking failure is logged once and training goes on.
 
-Metrics go through a bounded queue to a background thread, so a slow tracking server never blocks a
-training step: when the queue is full a batch is dropped and counted (`tracking/dropped_batches`), and
-`finish()` waits at most `flush_timeout_s` for what is still queued. Params, tags and artifacts are
-logged synchronously (a few calls per run).
+Metrics go through MLflow's own asynchronous logging (`log_batch(..., synchronous=False)`), so a slow
+tracking server never blocks a training step. At most `queue_size` metric batches are in flight: past that a
+batch is dropped and counted (`tracking/dropped_batches`), which bounds both memory and how long ending the
+run waits for a slow or dead server; `finish()` waits at most `flush_timeout_s` for the batches in flight
+before ending the run (MLflow then finishes whatever it has already started). Params, tags and artifacts
+are logged synchronously (a few calls per run).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import queue
 import re
 import resource
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,7 +28,6 @@ from horse_dist.tracking.plots import LOSS_KEYS, plot_histories
 log = logging.getLogger(__name__)
 
 PARENT_TAG = "mlflow.parentRunId"
-_STOP = object()
 
 
 class Tracker(Protocol):
@@ -171,10 +172,12 @@ class MLflowTracker:
         self._finished = False
         self.dropped = 0
         self.history: dict[str, list[tuple[int, float]]] = {}
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
+        self._max_in_flight = max(1, queue_size)
+        self._in_flight = 0
+        self._settled = threading.Condition()
         self._flush_timeout_s = flush_timeout_s
-        self._thread = threading.Thread(target=self._drain, name="mlflow-metrics", daemon=True)
-        self._thread.start()
+        # one thread waits on MLflow's RunOperations in order, to count the batches still in flight
+        self._watcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
 
     def _start_run(
         self,
@@ -187,7 +190,7 @@ class MLflowTracker:
         """The run as MLflow's docs start one, `mlflow.start_run`: it adds the standard tags (mlflow.source.*,
         mlflow.user, the git commit) and, with system metrics, runs MLflow's own monitor until `end_run`
         (nested under the parent when the parent is this thread's active run). Metrics, params and
-        artifacts then go through `self.client`, metrics through the bounded queue. When another run of
+        artifacts then go through `self.client`, metrics asynchronously. When another run of
         this thread is active and is not the parent (two jobs in one process), the run is created beside it
         with the client and the same standard tags instead."""
         import mlflow
@@ -224,19 +227,18 @@ class MLflowTracker:
             log.warning("MLflow %s failed (%s); tracking disabled for the rest of this run", what, err)
             return None
 
-    def _drain(self) -> None:
-        from mlflow.entities import Metric
-
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            metrics, step, stamp = item
-            entries = [Metric(k, v, stamp, step) for k, v in metrics.items()]
-            for start in range(0, len(entries), 1000):  # MLflow's log_batch limit
-                self._safely(
-                    "log_metrics", self.client.log_batch, self.run_id, metrics=entries[start : start + 1000]
-                )
+    def _settle(self, operation: Any) -> None:
+        """Wait for one asynchronous batch; a failure disables tracking, as a synchronous one would."""
+        try:
+            operation.wait()
+        except Exception as err:
+            if not self._broken:
+                self._broken = True
+                log.warning("MLflow log_metrics failed (%s); tracking disabled for the rest of this run", err)
+        finally:
+            with self._settled:
+                self._in_flight -= 1
+                self._settled.notify_all()
 
     # -- Tracker --------------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -247,16 +249,29 @@ class MLflowTracker:
             self._safely("log_params", self.client.log_batch, self.run_id, params=clean[start : start + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         values = {k: float(v) for k, v in metrics.items()}
         for key in values:
             if key in LOSS_KEYS or key.startswith("eval/"):
                 self.history.setdefault(key, []).append((step, values[key]))
         if self._broken or self._finished:
             return
-        try:
-            self._queue.put_nowait((values, step, int(time.time() * 1000)))
-        except queue.Full:
-            self.dropped += 1
+        with self._settled:
+            if self._in_flight >= self._max_in_flight:
+                self.dropped += 1
+                return
+            self._in_flight += 1
+        stamp = int(time.time() * 1000)
+        entries = [Metric(k, v, stamp, step) for k, v in values.items()]
+        operation = self._safely(
+            "log_metrics", self.client.log_batch, self.run_id, metrics=entries, synchronous=False
+        )
+        if operation is None:  # refused at once (tracking is now off)
+            with self._settled:
+                self._in_flight -= 1
+            return
+        self._watcher.submit(self._settle, operation)
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._safely("log_artifact", self.client.log_artifact, self.run_id, str(path), artifact_path)
@@ -304,16 +319,15 @@ class MLflowTracker:
         if self._finished:
             return
         self._finished = True
-        try:
-            self._queue.put(_STOP, timeout=self._flush_timeout_s)
-        except queue.Full:
-            pass
-        self._thread.join(self._flush_timeout_s)
-        if self._thread.is_alive():
-            left = self._queue.qsize()
-            self.dropped += left
+        with self._settled:
+            self._settled.wait_for(lambda: self._in_flight == 0, timeout=self._flush_timeout_s)
+            left = self._in_flight
+        self._watcher.shutdown(wait=False)
+        if left:
             log.warning(
-                "MLflow metrics still queued after %.0fs: %d batches not logged", self._flush_timeout_s, left
+                "MLflow metrics: %d batches still in flight after %.0fs; ending the run finishes them",
+                left,
+                self._flush_timeout_s,
             )
         if self.dropped:
             log.warning("MLflow tracking dropped %d metric batches (queue full)", self.dropped)
