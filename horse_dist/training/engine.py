@@ -7,6 +7,7 @@ its own slice of each meta-batch, and every global quantity goes through the wor
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
@@ -203,6 +204,15 @@ class EditEngine:
             return dict.fromkeys(PROMPT_KINDS)
         return {kind: self.block_cache.hidden_fn(self.model, kind, batches.records) for kind in PROMPT_KINDS}
 
+    def block_inputs(
+        self, batches: EditBatches, shared: Collection[str] = ()
+    ) -> dict[str, HiddenStates | None]:
+        """Per prompt kind, where the passes over `batches` get the states entering the lowest edited block:
+        the block-input cache where usable, else None (the passes run the blocks below); the kinds in
+        `shared` are computed once per micro-batch, for several passes over the same batches."""
+        sources = self.block_cache_sources(batches)
+        return {kind: self.shared_hidden(s) if kind in shared else s for kind, s in sources.items()}
+
     def shared_hidden(self, source: HiddenStates | None = None) -> HiddenStates | None:
         """For several passes over the same micro-batches: the states entering the lowest edited block,
         computed once per batch (by `source` where given); None where passes cannot resume there."""
@@ -285,9 +295,8 @@ class EditEngine:
         """One meta-step on this worker's slice; returns metrics summed over this worker's edits."""
         method, timer = self.cfg.method, PhaseTimer()
         optimizer.zero_grad(set_to_none=False)
-        sources = self.block_cache_sources(batches)
-        if method.locality == "kl":  # its reference and shifted passes run over the same batches
-            sources["unrel"] = self.shared_hidden(sources["unrel"])
+        # KL locality's reference and shifted passes run over the same unrelated batches
+        sources = self.block_inputs(batches, shared=("unrel",) if method.locality == "kl" else ())
         with timer("cache"):
             cache = self.cache(batches, sources["edit"])
         prediction = self.predict(cache, learn_statistics=True, timer=timer, keep_graph=True)
@@ -343,7 +352,7 @@ class EditEngine:
         editors = editors or {"edited": self.bank}
         n = batches.n_edits
         # The unedited, cache and edited passes over a kind's batches run the blocks below the edited ones once.
-        hidden = {kind: self.shared_hidden(s) for kind, s in self.block_cache_sources(batches).items()}
+        hidden = self.block_inputs(batches, shared=PROMPT_KINDS)
 
         def score(kind: str, shifts: list[torch.Tensor] | None = None, reference: list | None = None):
             logits = self.resumed_logits(hidden[kind])
