@@ -423,7 +423,7 @@ def run_bench(cfg: RunConfig) -> dict:
         "packing": engine.packing,
         "edits": edits,
         "memory": {"peak_rss_gb": peak_rss_gb(), "peak_device_gb": peak_device_gb(device)},
-        "config": flatten(cfg),
+        "config": flatten(cfg, "bench"),
     }
 
 
@@ -488,7 +488,7 @@ def publish(report: dict, cfg: RunConfig, table: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     cli, cfg = job_config(argv)
     if cli.show_config:
-        return print_config(cfg)
+        return print_config(cfg, "bench")
     report = run_bench(cfg)
     return publish(report, cfg, format_report(report))
 

@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli = split_cli(rest)
     cfg = load_config(cli.config_file, cli.overrides)
     if cli.show_config:
-        return print_config(cfg)
+        return print_config(cfg, "bench_ab")
     report = run_ab(variants, cli.config_file, cli.overrides)
     return publish(report, cfg, format_ab(report))
 

@@ -521,18 +521,29 @@ def to_dict(cfg: RunConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_yaml(cfg: RunConfig, job: str | None = None) -> str:
+    """The config as YAML: every section, or the sections `job` reads (JOB_SECTIONS)."""
+    if job is None:
+        return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    sections = JOB_SECTIONS[job]
+    return OmegaConf.to_yaml({s: v for s, v in to_dict(cfg).items() if s in sections})
 
 
-# The config sections each tracked job reads, and so logs as its run's params (a training run does not log
-# the bench's, the key statistics', locate-then-edit's or the streams' settings).
+# The config sections each job reads: what its --help lists, its --cfg job prints and its run logs as params
+# (a training run does not log the bench's, the key statistics', locate-then-edit's or the streams'
+# settings). One RunConfig holds them all, so the jobs share the common sections and their presets.
 TRAINING_SECTIONS = ("model", "data", "method", "train", "dist", "tracking")
+BENCH_SECTIONS = ("model", "data", "method", "train", "dist", "bench")
 JOB_SECTIONS = {
     "train": TRAINING_SECTIONS,
     "evaluate": TRAINING_SECTIONS,
     "sweep": TRAINING_SECTIONS,
-    "sequential": ("model", "data", "method", "tracking", "sequential", "locate", "keystats"),
+    "edit": TRAINING_SECTIONS,
+    # the streams run every method: hypernetworks (train, dist) and locate-then-edit (locate, keystats)
+    "sequential": (*TRAINING_SECTIONS, "sequential", "locate", "keystats"),
+    "bench": BENCH_SECTIONS,
+    "bench_ab": BENCH_SECTIONS,
+    "keystats": ("model", "keystats"),
 }
 
 
@@ -578,19 +589,21 @@ def split_cli(argv: list[str]) -> CommandLine:
     return CommandLine(config_file, overrides, show_config)
 
 
-def print_config(cfg: RunConfig) -> dict[str, Any]:
-    """`--cfg job`: the resolved config as YAML on stdout (what the run would use); returns it flattened."""
-    print(to_yaml(cfg), end="")  # noqa: T201
-    return flatten(cfg)
+def print_config(cfg: RunConfig, job: str) -> dict[str, Any]:
+    """`--cfg job`: the sections of the resolved config that `job` reads, as YAML on stdout (what the run
+    would use); returns them flattened."""
+    print(to_yaml(cfg, job), end="")  # noqa: T201
+    return flatten(cfg, job)
 
 
 def help_text() -> str:
     """The entry point's own docstring (its arguments besides the config), the config's usage, the preset
-    groups with their presets, and every key with its default (and choices)."""
+    groups with their presets, and every key the job reads with its default (and choices)."""
     entry = sys.modules.get("__main__")
     path = Path(getattr(entry, "__file__", None) or "<command>")
     command = path.parent.name if path.stem == "__main__" else path.stem  # python -m horse_dist.keystats
     doc = (getattr(entry, "__doc__", None) or "").strip() if command != "<command>" else ""
+    sections = JOB_SECTIONS.get(command, tuple(to_dict(RunConfig())))
     lines = [
         *([doc, ""] if doc else []),
         f"usage: python -m horse_dist.{command} [--config FILE] [--cfg job] [group=preset] [section.key=value ...]",
@@ -600,12 +613,14 @@ def help_text() -> str:
         "",
         "preset groups (configs/<group>/<preset>.yaml):",
     ]
-    for group in PRESET_GROUPS:
+    for group in (g for g in PRESET_GROUPS if g in sections):
         presets = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
         lines.append(f"  {group}: {', '.join(presets)}")
     lines.append("")
     lines.append("keys (default; choices):")
     for key, value in flatten(RunConfig()).items():
+        if key.split(".")[0] not in sections:
+            continue
         choices = f"  [{' | '.join(map(str, CHOICES[key]))}]" if key in CHOICES else ""
         lines.append(f"  {key}={value!r}{choices}")
     return "\n".join(lines)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     rest = [o for o in overrides if o.split("=", 1)[0] not in EXTRAS]
     cfg = config_from_yaml(state["config"], rest)
     if cli.show_config:
-        return print_config(cfg)
+        return print_config(cfg, "edit")
     engine, tokenizer = build_engine(cfg)
     engine.bank.load_state_dict(state["hypernet"])
     requests = load_edit_requests(extras["edits"], cfg.data.target)

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     state = load_checkpoint(extras["checkpoint"])
     cfg = _config_from_checkpoint(state, cfg, overrides)
     if cli.show_config:
-        return print_config(cfg)
+        return print_config(cfg, "evaluate")
     engine, tokenizer = build_engine(cfg)
     engine.bank.load_state_dict(state["hypernet"])
     pools = load_data(cfg, tokenizer, model_positions(engine.model), train=False)

@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cli = split_cli(argv)
     cfg, state = prepare_config(cli.config_file, cli.overrides)
     if cli.show_config:
-        return print_config(cfg)
+        return print_config(cfg, "sequential")
     return run(cfg, state)
 
 

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ConfigError("python -m horse_dist.sweep needs methods=a,b,...")
     if cli.show_config:  # each child run is this config with its method preset
         shared = [o for o in cli.overrides if o.split("=", 1)[0] not in ("methods", "method", "knob")]
-        return print_config(load_config_with_extras(cli.config_file, shared, extras=())[0])
+        return print_config(load_config_with_extras(cli.config_file, shared, extras=())[0], "sweep")
     knob_arg = [o.split("=", 1)[1] for o in cli.overrides if o.startswith("knob=")]
     knob = parse_knob(knob_arg[-1]) if knob_arg else None
     return run_methods_sweep(cli.config_file, cli.overrides, parse_methods(methods_arg[-1]), knob)

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if cfg.train.resume:
         cfg = resumed_config(cfg, cli.overrides)
     if cli.show_config:
-        return print_config(cfg)
+        return print_config(cfg, "train")
     torch.manual_seed(cfg.train.seed)
     if cfg.dist.backend == "ray":
         return run_ray(cfg)

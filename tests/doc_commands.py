@@ -45,14 +45,14 @@ FOREIGN_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN
 class NewUser:
     """A fresh shell in a fresh checkout: an empty HOME, no Ray token, no tracking URI, the venv on PATH.
 
-    The working folder holds the checkout's configs/, launch/ and mlflow/ (linked), so documented relative
+    The working folder holds the checkout's configs/, launch/, mlflow/ and k8s/ (linked), so documented relative
     paths (`--config configs/...`, `mlflow/start_server.sh`, `runs/<run>`) mean what they mean to a user.
     """
 
     def __init__(self, root: Path, substitutions: dict[str, str] | None = None):
         self.cwd = root / "checkout"
         self.cwd.mkdir(parents=True)
-        for name in ("configs", "launch", "mlflow"):
+        for name in ("configs", "launch", "mlflow", "k8s"):
             (self.cwd / name).symlink_to(REPO_ROOT / name)
         (root / "home").mkdir()
         env = {k: v for k, v in os.environ.items() if k not in FOREIGN_ENV}

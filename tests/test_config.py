@@ -1,4 +1,5 @@
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +9,7 @@ import yaml
 
 from horse_dist.config import (
     CONFIG_DIR,
+    JOB_SECTIONS,
     ConfigError,
     config_from_yaml,
     flatten,
@@ -117,16 +119,19 @@ def test_extras_are_split_off():
     assert extras == {"checkpoint": "runs/x"} and cfg.data.n_edits == 8
 
 
-@pytest.mark.parametrize("command", ["train", "bench_ab"])  # the others share split_cli
-def test_help_lists_groups_presets_and_keys_and_exits_0(command):
+@pytest.mark.parametrize("command", ["train", "bench_ab", "sequential", "keystats"])  # all share split_cli
+def test_help_lists_groups_presets_and_the_jobs_keys_and_exits_0(command):
     done = subprocess.run(
         [sys.executable, "-m", f"horse_dist.{command}", "--help"], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
-    assert f"usage: python -m horse_dist.{command}" in done.stdout
-    assert "  method: agrade, horse, horse_reference, malmen" in done.stdout
-    assert "  data.target='new'  [new | true]" in done.stdout
-    assert "  sequential.method=" in done.stdout and "--cfg job" in done.stdout
+    assert f"usage: python -m horse_dist.{command}" in done.stdout and "--cfg job" in done.stdout
+    sections = {
+        line.strip().split(".")[0] for line in done.stdout.splitlines() if re.match(r"  \w+\.\w+=", line)
+    }
+    assert sections == set(JOB_SECTIONS[command])  # only the keys this job reads
+    assert ("  method: agrade, horse, horse_reference, malmen" in done.stdout) == ("method" in sections)
+    assert ("  data.target='new'  [new | true]" in done.stdout) == ("data" in sections)
 
 
 def test_cfg_job_prints_the_resolved_config_and_runs_nothing(tmp_path):
@@ -140,7 +145,8 @@ def test_cfg_job_prints_the_resolved_config_and_runs_nothing(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     printed = yaml.safe_load(done.stdout)
-    assert printed == yaml.safe_load(to_yaml(load_config(None, args[:3])))
+    assert printed == yaml.safe_load(to_yaml(load_config(None, args[:3]), "train"))
+    assert set(printed) == set(JOB_SECTIONS["train"])  # the sections a training run reads, not bench's
     assert printed["method"]["name"] == "malmen" and printed["train"]["steps"] == 7
     assert list(tmp_path.iterdir()) == []  # no run folder, no mlflow.db
 

@@ -18,7 +18,7 @@ from horse_dist.keystats.job import report_dict, run_job
 def main(argv: list[str] | None = None) -> dict:
     cli, cfg = job_config(argv)
     if cli.show_config:
-        return print_config(cfg)
+        return print_config(cfg, "keystats")
     torch.set_num_threads(max(1, int(cfg.keystats.cpus_per_worker)))
     stats, prov, report = run_job(cfg, cfg.model.source, cfg.model.edit_modules)
     summary = {"report": report_dict(report), "provenance": prov}
