@@ -53,10 +53,11 @@ class FieldSpec:
 
 @dataclass
 class Build:
+    """A kustomization's resources and, per referenced kind, the fields that name such a resource (its own
+    `configurations` and its bases', merged upwards as kustomize does)."""
+
     resources: list[Doc]
-    references: dict[
-        str, list[FieldSpec]
-    ]  # referenced kind -> fields naming it (merged upwards, as kustomize)
+    references: dict[str, list[FieldSpec]]
 
 
 def load_docs(path: Path) -> list[Doc]:
