@@ -11,7 +11,7 @@ import torch
 from tiny_models import build_tiny_model
 
 from horse_dist import sequential, train
-from horse_dist.config import ConfigError, load_config
+from horse_dist.config import JOB_SECTIONS, ConfigError, load_config
 from horse_dist.data import EditRecord
 from horse_dist.lifelong.weight_stats import norm_and_condition
 from horse_dist.lm.export import apply_shifts_
@@ -376,7 +376,9 @@ def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.run_name == "seq" and run.info.status == "FINISHED"
     assert run.data.tags["mode"] == "sequential" and run.data.params["sequential.batch_size"] == "2"
-    assert not {k.split(".")[0] for k in run.data.params} & {"train", "dist", "bench"}  # only its own params
+    # only the sections a stream reads: train for its run folder and live token counts, not the bench's
+    assert {k.split(".")[0] for k in run.data.params} == set(JOB_SECTIONS["sequential"])
+    assert "bench" not in JOB_SECTIONS["sequential"] and run.data.params["train.eval_new_tokens"] == "12"
     history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
     assert history("retention/ES") == [2, 4, 6]  # curve points after steps 1, 2, 3 of b=2
     assert history("stream/ES") == [2, 4, 6]
