@@ -55,6 +55,8 @@ HOW: dict[str, str] = {
     + "; located edits take 15-24 s each on SmolLM2 here: test_sequential.py::test_locate_stream_on_the_tiny_model runs MOSE and MEMIT",
     "python -m horse_dist.sequential --config configs/sequential_alphaedit.yaml sequential.steps=24": CONFIG
     + "; test_sequential.py::test_locate_stream_on_the_tiny_model runs AlphaEdit",
+    "python -m horse_dist.sequential --config configs/sequential_memit.yaml sequential.steps=24": CONFIG
+    + "; test_sequential.py::test_locate_stream_on_the_tiny_model runs MEMIT",
     "python -m horse_dist.sequential compare runs/<seq a> runs/<seq b> out=compare.png": RUN,
     "python -m horse_dist.bench": RUN,
     "python -m horse_dist.bench --config configs/bench_llama2_7b_gpu.yaml": CONFIG + "; needs a CUDA device",
