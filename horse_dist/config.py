@@ -517,16 +517,15 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
-def to_dict(cfg: RunConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def to_dict(cfg: RunConfig, job: str | None = None) -> dict[str, Any]:
+    """Section -> its values: every section, or the sections `job` reads (JOB_SECTIONS)."""
+    sections = dataclasses.asdict(cfg)
+    return sections if job is None else {s: v for s, v in sections.items() if s in JOB_SECTIONS[job]}
 
 
 def to_yaml(cfg: RunConfig, job: str | None = None) -> str:
     """The config as YAML: every section, or the sections `job` reads (JOB_SECTIONS)."""
-    if job is None:
-        return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-    sections = JOB_SECTIONS[job]
-    return OmegaConf.to_yaml({s: v for s, v in to_dict(cfg).items() if s in sections})
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg) if job is None else to_dict(cfg, job))
 
 
 # The config sections each job reads: what its --help lists, its --cfg job prints and its run logs as params
@@ -550,11 +549,9 @@ JOB_SECTIONS = {
 def flatten(cfg: RunConfig, job: str | None = None) -> dict[str, Any]:
     """`section.key -> value` of every section, or of the sections `job` reads (JOB_SECTIONS), for tracking
     params and config diffs."""
-    sections = JOB_SECTIONS[job] if job else None
     return {
         f"{section}.{key}": value
-        for section, values in to_dict(cfg).items()
-        if sections is None or section in sections
+        for section, values in to_dict(cfg, job).items()
         for key, value in values.items()
     }
 
@@ -603,7 +600,7 @@ def help_text() -> str:
     path = Path(getattr(entry, "__file__", None) or "<command>")
     command = path.parent.name if path.stem == "__main__" else path.stem  # python -m horse_dist.keystats
     doc = (getattr(entry, "__doc__", None) or "").strip() if command != "<command>" else ""
-    sections = JOB_SECTIONS.get(command, tuple(to_dict(RunConfig())))
+    sections = JOB_SECTIONS.get(command, tuple(f.name for f in dataclasses.fields(RunConfig)))
     lines = [
         *([doc, ""] if doc else []),
         f"usage: python -m horse_dist.{command} [--config FILE] [--cfg job] [group=preset] [section.key=value ...]",

@@ -236,9 +236,13 @@ class MLflowTracker:
                 self._broken = True
                 log.warning("MLflow log_metrics failed (%s); tracking disabled for the rest of this run", err)
         finally:
-            with self._settled:
-                self._in_flight -= 1
-                self._settled.notify_all()
+            self._release()
+
+    def _release(self) -> None:
+        """One batch fewer in flight (done, failed or refused)."""
+        with self._settled:
+            self._in_flight -= 1
+            self._settled.notify_all()
 
     # -- Tracker --------------------------------------------------------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -268,8 +272,7 @@ class MLflowTracker:
             "log_metrics", self.client.log_batch, self.run_id, metrics=entries, synchronous=False
         )
         if operation is None:  # refused at once (tracking is now off)
-            with self._settled:
-                self._in_flight -= 1
+            self._release()
             return
         self._watcher.submit(self._settle, operation)
 
