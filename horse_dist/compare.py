@@ -172,10 +172,13 @@ def pareto_figure(points: dict[str, dict[str, tuple[float, float]]], y: str, x: 
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(9, 4.5))
+    # a knob sweep of four methods has 12 labels: past ten, tab10's colours would repeat
+    colours = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
     edits = []
     for i, (label, rows) in enumerate(points.items()):
         for row, (px, py) in rows.items():
-            axis.scatter(px, py, color=f"C{i % 10}", marker=PARETO_ROWS[row], label=f"{label} {row}", s=36)
+            colour = colours(i % colours.N)
+            axis.scatter(px, py, color=colour, marker=PARETO_ROWS[row], label=f"{label} {row}", s=36)
             if row != "unedited":
                 edits.append((px, py))
     frontier = pareto_frontier(edits)

@@ -318,6 +318,17 @@ def test_pareto_frontier_by_hand():
     assert compare.pareto_frontier([(0.3, 0.3)]) == [(0.3, 0.3)]
 
 
+def test_pareto_figure_gives_each_of_twelve_labels_its_own_colour():
+    points = {f"m{i}": {"untrained": (i / 12, 0.5), "edited": (i / 12, 0.6)} for i in range(12)}
+    figure = compare.pareto_figure(points, "live_ES", "loc_gen_same")
+    import matplotlib.pyplot as plt
+
+    colours = [tuple(c.get_facecolor()[0]) for c in figure.axes[0].collections]
+    assert len(colours) == 24 and len(set(colours)) == 12
+    assert colours[0] == colours[1]  # one label's states share its colour
+    plt.close(figure)
+
+
 def test_training_survives_an_unreachable_tracking_server(tiny, tmp_path):
     started = time.perf_counter()
     result = train.main(tiny(tmp_path, f"http://127.0.0.1:{_free_port()}", **{"train.run_name": "offline"}))
