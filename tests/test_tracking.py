@@ -319,10 +319,10 @@ def test_pareto_frontier_by_hand():
 
 
 def test_pareto_figure_gives_each_of_twelve_labels_its_own_colour():
-    points = {f"m{i}": {"untrained": (i / 12, 0.5), "edited": (i / 12, 0.6)} for i in range(12)}
-    figure = compare.pareto_figure(points, "live_ES", "loc_gen_same")
     import matplotlib.pyplot as plt
 
+    points = {f"m{i}": {"untrained": (i / 12, 0.5), "edited": (i / 12, 0.6)} for i in range(12)}
+    figure = compare.pareto_figure(points, "live_ES", "loc_gen_same")
     colours = [tuple(c.get_facecolor()[0]) for c in figure.axes[0].collections]
     assert len(colours) == 24 and len(set(colours)) == 12
     assert colours[0] == colours[1]  # one label's states share its colour
