@@ -210,6 +210,15 @@ def weight_metrics(
     return out
 
 
+def edit_success(scorer: Scorer, indices: list[int]) -> dict[str, float]:
+    """ES on the edit prompts of `indices`, and live ES where the scorer generates."""
+    scores = {"ES": _mean(scorer.score("edit", indices))}
+    live = scorer.live(indices, edit_only=True)
+    if live is not None:
+        scores["live_ES"] = live[0]["live_ES"]
+    return scores
+
+
 def curve_point(scorer: Scorer, made: int, seq: SequentialConfig) -> dict[str, float]:
     """ES on the first edits (retention) and on a sample of those made so far; live ES too where scored."""
     point = {}
@@ -217,10 +226,7 @@ def curve_point(scorer: Scorer, made: int, seq: SequentialConfig) -> dict[str, f
         ("retention", retention_indices(made, seq.retention_edits)),
         ("stream", sample_indices(made, seq.sample_edits)),
     ):
-        point[f"{name}/ES"] = _mean(scorer.score("edit", indices))
-        live = scorer.live(indices, edit_only=True)
-        if live is not None:
-            point[f"{name}/live_ES"] = live[0]["live_ES"]
+        point.update({f"{name}/{k}": v for k, v in edit_success(scorer, indices).items()})
     return point
 
 
@@ -262,6 +268,7 @@ def run_stream(
     tracker.log_metrics(weight_metrics(initial, initial), step=0)
 
     timings: dict[str, float] = {}
+    made_scores: dict[str, list[float]] = {}  # per step: the step's own edits, scored right after it
     points = set(curve_steps(steps, seq.eval_every))
     bar = tqdm(range(1, steps + 1), desc=f"sequential {editor.name} b={b}", unit="step", dynamic_ncols=True)
     for step in bar:
@@ -270,8 +277,20 @@ def run_stream(
         reported = editor.edit(list(stream[made - b : made]))  # editor-specific timings and diagnostics
         step_seconds = time.perf_counter() - step_started
         timings["edit_seconds"] = timings.get("edit_seconds", 0.0) + step_seconds
+        made_started = time.perf_counter()
+        # the step's own edits before any later one can erode them: what the editor gets right at all
+        when_made = edit_success(scorer, list(range(made - b, made)))
+        for name, value in when_made.items():
+            made_scores.setdefault(name, []).append(value)
+        timings["when_made_seconds"] = (
+            timings.get("when_made_seconds", 0.0) + time.perf_counter() - made_started
+        )
         tracker.log_metrics(
-            {"perf/step_s": step_seconds, **{f"editor/{k}": float(v) for k, v in reported.items()}},
+            {
+                "perf/step_s": step_seconds,
+                **{f"editor/{k}": float(v) for k, v in reported.items()},
+                **{f"made/{k}": v for k, v in when_made.items()},
+            },
             step=made,
         )
         if step not in points:
@@ -313,6 +332,7 @@ def run_stream(
         v for k, v in drift.items() if k.endswith("cond_rel_change")
     )
     final["eval/edited/retention_ES"] = curves["retention_ES"][-1]
+    final.update({f"eval/edited/{k}_when_made": sum(v) / len(v) for k, v in made_scores.items()})
     metrics = {**baseline, **final, "edits": float(len(stream))}
     metrics["perf/edits_per_s"] = (
         len(stream) / timings["edit_seconds"] if timings.get("edit_seconds") else 0.0
@@ -386,6 +406,8 @@ TABLE_COLUMNS = (
     ("LS", "eval/edited/LS", "{:.3f}"),
     ("loc acc", "eval/edited/loc_accuracy", "{:.3f}"),
     ("retention", "eval/edited/retention_ES", "{:.3f}"),
+    ("ES when made", "eval/edited/ES_when_made", "{:.3f}"),
+    ("live ES when made", "eval/edited/live_ES_when_made", "{:.3f}"),
     ("live ES", "eval/edited/live_ES", "{:.3f}"),
     ("live GS", "eval/edited/live_GS", "{:.3f}"),
     ("gen same", "eval/edited/loc_gen_same", "{:.3f}"),

@@ -208,16 +208,25 @@ def test_fake_stream_is_cumulative_with_exact_curves():
         assert curves["norm"][0] == pytest.approx(float(torch.linalg.matrix_norm(initial[name].double())))
     # retention at step t scores exactly the first min(t·b, r) edits; "so far" samples within the edits made
     edit_calls = [indices for kind, indices, _ in scorer.calls if kind == "edit"]
-    # baseline (all), then per curve point (steps 1, 2, 4): retention, sample; then the final ES (all)
+    # baseline (all); per step its own edits, then at curve points (steps 1, 2, 4) retention and sample;
+    # then the final ES (all)
     assert edit_calls[0] == list(range(12)) and edit_calls[-1] == list(range(12))
     assert edit_calls[1:-1] == [
         [0, 1, 2],
         [0, 1, 2],
+        [0, 1, 2],
+        [3, 4, 5],
         [0, 1, 2, 3],
         [0, 1, 2, 4, 5],
+        [6, 7, 8],
+        [9, 10, 11],
         [0, 1, 2, 3],
         [0, 3, 6, 8, 11],
     ]
+    # each step's edits scored right after it (even positions succeed): 2/3, 1/3, 2/3, 1/3
+    made_ES = [m["made/ES"] for _, m in tracker.logged if "made/ES" in m]
+    assert made_ES == pytest.approx([2 / 3, 1 / 3, 2 / 3, 1 / 3])
+    assert result.metrics["eval/edited/ES_when_made"] == pytest.approx(0.5)
     unrel_calls = [(indices, ref) for kind, indices, ref in scorer.calls if kind == "unrel"]
     assert unrel_calls == [
         (list(range(12)), False),
@@ -402,6 +411,9 @@ def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path
         assert values == pytest.approx(on_disk["curves"]["weights"][name]["cond"])
     assert history("eval/edited/ES") == [6] and history("perf/step_s") == [2, 4, 6]
     assert history("editor/predict_seconds") == [2, 4, 6]
+    assert history("made/ES") == history("made/live_ES") == [2, 4, 6]  # every step's own edits
+    made_live = [m.value for m in client.get_metric_history(run.info.run_id, "made/live_ES")]
+    assert summary["metrics"]["eval/edited/live_ES_when_made"] == pytest.approx(sum(made_live) / 3)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/sequential.png" in artifacts
     assert "sequential.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
