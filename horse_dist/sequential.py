@@ -219,15 +219,42 @@ def edit_success(scorer: Scorer, indices: list[int]) -> dict[str, float]:
     return scores
 
 
-def curve_point(scorer: Scorer, made: int, seq: SequentialConfig) -> dict[str, float]:
-    """ES on the first edits (retention) and on a sample of those made so far; live ES too where scored."""
+@dataclass
+class LocalityProbe:
+    """A fixed sample of the stream's unrelated prompts and the unedited model's predictions on them, so
+    every curve point scores locality on the same prompts against the same reference."""
+
+    indices: list[int]
+    reference: list[torch.Tensor]
+
+
+def curve_point(scorer: Scorer, made: int, seq: SequentialConfig, probe: LocalityProbe) -> dict[str, float]:
+    """ES on the first edits (retention) and on a sample of those made so far (with GS on their rephrases),
+    live ES too where scored, and locality (agreement with the unedited model, accuracy) on the probe."""
     point = {}
+    stream_sample = sample_indices(made, seq.sample_edits)
     for name, indices in (
         ("retention", retention_indices(made, seq.retention_edits)),
-        ("stream", sample_indices(made, seq.sample_edits)),
+        ("stream", stream_sample),
     ):
         point.update({f"{name}/{k}": v for k, v in edit_success(scorer, indices).items()})
+    point["stream/GS"] = _mean(scorer.score("equiv", stream_sample))
+    locality = scorer.score("unrel", probe.indices, probe.reference)
+    point["locality/LS"] = _mean(locality, agreement=True)
+    point["locality/accuracy"] = _mean(locality)
     return point
+
+
+# curve names in a run summary: <group>_<score> for the metric <group>/<score>
+CURVES = (
+    "retention_ES",
+    "stream_ES",
+    "retention_live_ES",
+    "stream_live_ES",
+    "stream_GS",
+    "locality_LS",
+    "locality_accuracy",
+)
 
 
 def run_stream(
@@ -259,11 +286,10 @@ def run_stream(
     baseline_seconds = time.perf_counter() - started
     log.info("unedited model scored in %.1fs", baseline_seconds)
 
+    probe_indices = sample_indices(len(stream), seq.sample_edits)
+    probe = LocalityProbe(probe_indices, scorer.score("unrel", probe_indices).predictions)
     initial = module_weight_stats(model, editor.module_names)
-    curves: dict[str, list[float | None]] = {
-        "edits": [0.0],
-        **{name: [None] for name in ("retention_ES", "stream_ES", "retention_live_ES", "stream_live_ES")},
-    }
+    curves: dict[str, list[float | None]] = {"edits": [0.0], **{name: [None] for name in CURVES}}
     weights = {name: {"norm": [norm], "cond": [cond]} for name, (norm, cond) in initial.items()}
     tracker.log_metrics(weight_metrics(initial, initial), step=0)
 
@@ -297,9 +323,9 @@ def run_stream(
             continue
         eval_started = time.perf_counter()
         stats = module_weight_stats(model, editor.module_names)
-        point = curve_point(scorer, made, seq)
+        point = curve_point(scorer, made, seq, probe)
         curves["edits"].append(float(made))
-        for name in ("retention_ES", "stream_ES", "retention_live_ES", "stream_live_ES"):
+        for name in CURVES:
             curves[name].append(point.get(name.replace("_", "/", 1)))
         for name, (norm, cond) in stats.items():
             weights[name]["norm"].append(norm)
@@ -360,13 +386,14 @@ def layer_label(module: str) -> str:
 
 def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
     """Per layer ‖W‖_F / ‖W₀‖_F and cond(W) / cond(W₀) (log scale) against edits made (a line per run and layer),
-    and the retention / stream ES curves; several runs share the axes, so methods can be compared."""
+    the retention / stream ES curves, and GS on the edits so far with locality on the fixed probe; several
+    runs share the axes, so methods can be compared."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (norm_axis, cond_axis, es_axis) = plt.subplots(1, 3, figsize=(15, 4.5))
+    figure, (norm_axis, cond_axis, es_axis, gs_ls_axis) = plt.subplots(1, 4, figsize=(20, 4.5))
     for run_index, summary in enumerate(summaries):
         curves, label = summary["curves"], f"{summary['method']} b={summary['batch_size']}"
         edits = curves["edits"]
@@ -385,6 +412,13 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
         live = curves.get("retention_live_ES", [None])[1:]
         if any(v is not None for v in live):  # streams without live scores (older runs) have no such curve
             es_axis.plot(edits[1:], live, ":", color=f"C{run_index}", label=f"{label} retention, live")
+        for curve, style, name in (
+            ("stream_GS", "--", "GS so far"),
+            ("locality_LS", "-x", "locality (agreement)"),
+        ):
+            values = curves.get(curve, [None])[1:]
+            if any(v is not None for v in values):  # older runs scored GS and LS at the end only
+                gs_ls_axis.plot(edits[1:], values, style, color=f"C{run_index}", label=f"{label} {name}")
     norm_axis.set(xlabel="edits made", ylabel="‖W‖_F / ‖W₀‖_F", title="Frobenius norm per edited layer")
     cond_axis.set(xlabel="edits made", ylabel="cond(W) / cond(W₀)", title="condition number per edited layer")
     es_axis.set(
@@ -392,9 +426,13 @@ def plot_sequential(summaries: list[dict[str, Any]]) -> Any:
     )
     for axis in (norm_axis, cond_axis):
         axis.set_yscale("log")  # drift spans orders of magnitude; an orthogonal update stays on 1
-    for axis in (norm_axis, cond_axis, es_axis):
+    gs_ls_axis.set(
+        xlabel="edits made", ylabel="score", ylim=(-0.02, 1.02), title="generalisation and locality"
+    )
+    for axis in (norm_axis, cond_axis, es_axis, gs_ls_axis):
         integer_steps(axis)
-        axis.legend(fontsize=6 if axis is not es_axis else 7)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=6 if axis in (norm_axis, cond_axis) else 7)
     figure.tight_layout()
     return figure
 

@@ -227,14 +227,25 @@ def test_fake_stream_is_cumulative_with_exact_curves():
     made_ES = [m["made/ES"] for _, m in tracker.logged if "made/ES" in m]
     assert made_ES == pytest.approx([2 / 3, 1 / 3, 2 / 3, 1 / 3])
     assert result.metrics["eval/edited/ES_when_made"] == pytest.approx(0.5)
+    # locality: all at the start, the fixed probe (unedited, then at each curve point against that
+    # reference), all at the end against the unedited predictions
+    probe = [0, 3, 6, 8, 11]
     unrel_calls = [(indices, ref) for kind, indices, ref in scorer.calls if kind == "unrel"]
     assert unrel_calls == [
         (list(range(12)), False),
+        (probe, False),
+        *[(probe, True)] * 3,
         (list(range(12)), True),
-    ]  # LS vs the unedited predictions
+    ]
+    equiv_calls = [indices for kind, indices, _ in scorer.calls if kind == "equiv"]
+    everything = list(range(12))
+    assert equiv_calls == [everything, [0, 1, 2], [0, 1, 2, 4, 5], [0, 3, 6, 8, 11], everything]
     curves = result.summary["curves"]
     assert curves["edits"] == [0, 3, 6, 12]
     assert curves["retention_ES"][1:] == pytest.approx([2 / 3, 0.5, 0.5])
+    assert curves["stream_GS"][1:] == pytest.approx([2 / 3, 0.6, 0.6])
+    assert curves["locality_LS"][1:] == pytest.approx([0.6] * 3)  # even probe positions: 0, 6, 8
+    assert curves["stream_live_ES"] == [None] * 4  # this scorer does not generate
     assert result.metrics["eval/edited/ES"] == pytest.approx(0.5) and result.metrics[
         "eval/edited/LS"
     ] == pytest.approx(0.5)
@@ -390,7 +401,7 @@ def test_main_logs_curves_and_plot_to_mlflow(checkpoint_dir, data_file, tmp_path
     assert "bench" not in JOB_SECTIONS["sequential"] and run.data.params["train.eval_new_tokens"] == "12"
     history = lambda key: [m.step for m in client.get_metric_history(run.info.run_id, key)]  # noqa: E731
     assert history("retention/ES") == [2, 4, 6]  # curve points after steps 1, 2, 3 of b=2
-    assert history("stream/ES") == [2, 4, 6]
+    assert history("stream/ES") == history("stream/GS") == history("locality/LS") == [2, 4, 6]
     assert history("retention/live_ES") == history("stream/live_ES") == [2, 4, 6]
     assert (
         len(on_disk["curves"]["retention_live_ES"]) == 4 and on_disk["curves"]["retention_live_ES"][0] is None
