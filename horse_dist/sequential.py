@@ -3,14 +3,15 @@
     python -m horse_dist.sequential [--config FILE] sequential.method=horse sequential.checkpoint=runs/<run> ...
     python -m horse_dist.sequential compare runs/<seq run> runs/<another> out=compare.png
 
-Along the stream, every `sequential.eval_every` steps: the Frobenius norm and condition number of each
-edited weight, ES on the first `retention_edits` edits (retention) and on a sample of the edits made so far,
+Along the stream, every `sequential.eval_every` steps: the Frobenius norm and condition number of each edited
+weight, ES on the first `retention_edits` edits (retention) and on a sample of the edits made so far,
 teacher-forced and, with `sequential.live`, under greedy generation (live ES: the target starts the plain
-greedy continuation; generation/live.py). After the stream: ES/GS/LS on every edit made (LS = agreement with
-the unedited model's predictions on the locality prompts) and the live scores (live ES/GS, unrelated
-continuations unchanged, loops, generation entropy; on CounterFact also ROME's efficacy / paraphrase /
-neighbourhood scores, generation/contrast.py) beside the unedited model's. Curves go to MLflow with
-step = edits made, a plot and a JSON summary to the run folder.
+greedy continuation; generation/live.py), GS on that sample and LS on a fixed probe of unrelated prompts.
+After every step: ES (and live ES) of the step's own edits, before later edits can erode them. After the
+stream: ES/GS/LS on every edit made (LS = agreement with the unedited model's predictions on the locality
+prompts) and the live scores (live ES/GS, unrelated continuations unchanged, loops, generation entropy; on
+CounterFact also ROME's efficacy / paraphrase / neighbourhood scores, generation/contrast.py) beside the
+unedited model's. Curves go to MLflow with step = edits made, a plot and a JSON summary to the run folder.
 """
 
 from __future__ import annotations
