@@ -176,8 +176,8 @@ def pareto_figure(points: dict[str, dict[str, tuple[float, float]]], y: str, x: 
     colours = plt.get_cmap("tab10" if len(points) <= 10 else "tab20")
     edits = []
     for i, (label, rows) in enumerate(points.items()):
+        colour = colours(i % colours.N)
         for row, (px, py) in rows.items():
-            colour = colours(i % colours.N)
             axis.scatter(px, py, color=colour, marker=PARETO_ROWS[row], label=f"{label} {row}", s=36)
             if row != "unedited":
                 edits.append((px, py))

@@ -258,6 +258,13 @@ CURVES = (
 )
 
 
+def _add_seconds(timings: dict[str, float], key: str, started: float) -> float:
+    """Add the seconds since `started` to timings[key]; return them."""
+    seconds = time.perf_counter() - started
+    timings[key] = timings.get(key, 0.0) + seconds
+    return seconds
+
+
 def run_stream(
     editor: Editor,
     model: nn.Module,
@@ -288,7 +295,9 @@ def run_stream(
     log.info("unedited model scored in %.1fs", baseline_seconds)
 
     probe_indices = sample_indices(len(stream), seq.sample_edits)
-    probe = LocalityProbe(probe_indices, scorer.score("unrel", probe_indices).predictions)
+    # a stream no longer than the sample is its own probe: the pass above already holds its predictions
+    probe_before = loc_before if probe_indices == everything else scorer.score("unrel", probe_indices)
+    probe = LocalityProbe(probe_indices, probe_before.predictions)
     initial = module_weight_stats(model, editor.module_names)
     curves: dict[str, list[float | None]] = {"edits": [0.0], **{name: [None] for name in CURVES}}
     weights = {name: {"norm": [norm], "cond": [cond]} for name, (norm, cond) in initial.items()}
@@ -302,16 +311,13 @@ def run_stream(
         made = step * b
         step_started = time.perf_counter()
         reported = editor.edit(list(stream[made - b : made]))  # editor-specific timings and diagnostics
-        step_seconds = time.perf_counter() - step_started
-        timings["edit_seconds"] = timings.get("edit_seconds", 0.0) + step_seconds
+        step_seconds = _add_seconds(timings, "edit_seconds", step_started)
         made_started = time.perf_counter()
         # the step's own edits before any later one can erode them: what the editor gets right at all
         when_made = edit_success(scorer, list(range(made - b, made)))
         for name, value in when_made.items():
             made_scores.setdefault(name, []).append(value)
-        timings["when_made_seconds"] = (
-            timings.get("when_made_seconds", 0.0) + time.perf_counter() - made_started
-        )
+        _add_seconds(timings, "when_made_seconds", made_started)
         tracker.log_metrics(
             {
                 "perf/step_s": step_seconds,
@@ -332,7 +338,7 @@ def run_stream(
             weights[name]["norm"].append(norm)
             weights[name]["cond"].append(cond)
         tracker.log_metrics({**point, **weight_metrics(stats, initial)}, step=made)
-        timings["curve_seconds"] = timings.get("curve_seconds", 0.0) + time.perf_counter() - eval_started
+        _add_seconds(timings, "curve_seconds", eval_started)
         bar.set_postfix({k: f"{v:.3f}" for k, v in point.items()})
     bar.close()
 

@@ -260,6 +260,19 @@ def test_fake_stream_is_cumulative_with_exact_curves():
     )  # these fake edits are not norm-preserving
 
 
+def test_a_stream_within_the_sample_is_its_own_locality_probe():
+    model = _tiny_model()
+    seq = load_config(None, ["sequential.steps=2", "sequential.batch_size=2", "sequential.sample_edits=8"])
+    scorer = RecordingScorer()
+    result = sequential.run_stream(
+        FakeEditor(model), model, [_record(i) for i in range(4)], scorer, seq.sequential, NullTracker()
+    )
+    unrel_calls = [(indices, ref) for kind, indices, ref in scorer.calls if kind == "unrel"]
+    # no second unedited pass: the probe is every edit, scored once before the first edit
+    assert unrel_calls == [([0, 1, 2, 3], False)] + [([0, 1, 2, 3], True)] * 3  # 2 curve points, the end
+    assert result.summary["curves"]["locality_LS"][1:] == pytest.approx([0.5, 0.5])
+
+
 def test_run_stream_refuses_a_stream_of_the_wrong_length():
     model = _tiny_model()
     seq = load_config(None, ["sequential.steps=2", "sequential.batch_size=3"]).sequential
