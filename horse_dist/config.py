@@ -77,7 +77,8 @@ class DataConfig:
     # ~/.cache/huggingface); off: tokenise in memory; else that folder
     token_store: str = "auto"
     # eos: every edit and rephrase answer ends with end-of-text, so the editor learns to stop after the answer
-    # (the cache pass's keys and gradients include the position after it); never scored in ES/GS
+    # (the cache pass's keys and gradients include the position after it), and the locate-then-edit methods'
+    # value targets end with it; never scored in ES/GS
     answer_end: str = "none"
 
 

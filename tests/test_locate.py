@@ -116,6 +116,37 @@ def test_subject_position_and_missing_subject(tiny):
         rewrite_batch(tokenizer, [EditRecord("Who?", "x", "", "", "")], [""], ["edit 0"])
 
 
+def test_answer_end_adds_end_of_text_to_every_value_target(tiny, monkeypatch):
+    """data.answer_end=eos: each rewrite row's labels are the answer's then end-of-text, so the value target
+    also makes the model stop after the answer; the editor passes it on."""
+    model, tokenizer = tiny
+    eos = tokenizer.eos_token_id
+    plain = rewrite_batch(tokenizer, RECORDS, PREFIXES, ["r0", "r1", "r2"])
+    ended = rewrite_batch(tokenizer, RECORDS, PREFIXES, ["r0", "r1", "r2"], stop_id=eos)
+    for row in range(len(RECORDS) * len(PREFIXES)):
+        answer = plain.labels_BT[row][plain.labels_BT[row] != -100].tolist()
+        assert ended.labels_BT[row][ended.labels_BT[row] != -100].tolist() == [*answer, eos]
+    torch.testing.assert_close(ended.subject_pos_B, plain.subject_pos_B)
+
+    class Seen(Exception):  # stops the edit once its value targets are built
+        pass
+
+    def record(model, name, rewrite, *rest):
+        raise Seen(rewrite)
+
+    monkeypatch.setattr("horse_dist.locate.editors.optimise_values", record)
+    for end in ("none", "eos"):
+        cfg = with_changes(_cfg("memit", select_layer=False), {"data.answer_end": end})
+        stats = _random_stats(model, locate_module_names(cfg.locate, model))
+        editor = build_locate_editor(cfg, model, tokenizer, stats)
+        with pytest.raises(Seen) as seen:
+            editor.edit(RECORDS)
+        rewrite = seen.value.args[0]
+        plain_rows = rewrite.labels_BT[:: len(editor.prefixes)]
+        ends = [row[row != -100][-1].item() for row in plain_rows]
+        assert (ends == [eos] * len(RECORDS)) == (end == "eos"), ends
+
+
 def test_value_optimisation_lowers_answer_nll(tiny):
     model, tokenizer = tiny
     name = locate_module_names(_cfg().locate, model)[2]
@@ -202,6 +233,8 @@ def test_mose_edit_keeps_norm_and_condition_number(tiny):
         assert isinstance(editor, MoseEditor) and editor.name == "mose"
         # candidates 1, 2 with one neighbour each: layers 0..3 may change
         assert len(editor.module_names) == 4
+        # the rotation keeps ‖W k‖, so it leaves most of the random values' change unmade here
+        assert 0.5 < timings["unreached"] <= 1.0
         chosen = int(timings["layer"])
         assert chosen in (1, 2)
         assert timings["time/total"] >= timings["time/values"] > 0
@@ -226,7 +259,9 @@ def test_memit_edit_is_additive_and_drifts(tiny):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     try:
         cfg = _cfg("memit", select_layer=False, lam=0.01)
-        editor, before, after, _ = _edit(model, tokenizer, cfg)
+        editor, before, after, timings = _edit(model, tokenizer, cfg)
+        # λ 0.01: the additive update makes most of the change the values ask for (a rotation cannot, below)
+        assert 0.0 <= timings["unreached"] < 0.5
         assert isinstance(editor, MemitEditor) and editor.module_names == locate_module_names(
             cfg.locate, model
         )

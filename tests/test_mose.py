@@ -12,6 +12,7 @@ from horse_dist.editor.mose import (
     procrustes_objective,
     procrustes_rotation,
     select_layer,
+    unreached_share,
     with_neighbours,
 )
 
@@ -126,6 +127,22 @@ def test_memit_delta_solves_normal_equations():
     assert d.grad.abs().max() < 1e-7 * float(loss.detach())
     # and the additive update moves the norm, the drift MOSE avoids
     assert frobenius_and_condition(w + delta)[0] != pytest.approx(frobenius_and_condition(w)[0], rel=1e-6)
+
+
+def test_unreached_share_of_updates():
+    w, k0, k, v = _problem()
+    assert unreached_share(w, w, k, v) == pytest.approx(1.0)  # nothing changed: all of it left
+    # MEMIT with λ → 0 and fewer edits than key dimensions reaches every value
+    reached = w + memit_delta(w, k0 @ k0.T, k, v, 1e-9, torch.float64)
+    assert unreached_share(w, reached, k, v) < 1e-6
+    halfway = w + 0.5 * (reached - w)  # ΔW linear in the residual: half the change is made
+    assert unreached_share(w, halfway, k, v) == pytest.approx(0.5, rel=1e-6)
+    # a rotation keeps ‖W k‖: a value twice as long as W k (same direction) stays half out of reach
+    k1 = k[:, :1]
+    rot = mose_rotation(w, k0 @ k0.T, k1, 2 * w @ k1, lam=0.0, dtype=torch.float64)
+    assert unreached_share(w, rot @ w, k1, 2 * w @ k1) == pytest.approx(1.0, rel=1e-6)
+    with pytest.raises(ValueError, match="differ in shape"):
+        unreached_share(w, w[:, :3], k, v)
 
 
 def test_layer_selection_by_eq22():

@@ -80,6 +80,20 @@ def memit_delta(
     return torch.cholesky_solve(k @ resid_ON.T, chol).T
 
 
+def unreached_share(w_old_OI: Tensor, w_new_OI: Tensor, keys_IN: Tensor, values_ON: Tensor) -> float:
+    """‖W_new K_E − V_E‖ / ‖W_old K_E − V_E‖ (Frobenius): the share of the change the edit asked of the layer
+    that the update did not make; 0 where it reaches every value, 1 where it left the outputs as they were.
+    A rotation keeps ‖W k‖, so MOSE cannot reach values longer or shorter than W k (docs/mose.md)."""
+    if w_new_OI.shape != w_old_OI.shape:
+        raise ValueError(
+            f"weights before {tuple(w_old_OI.shape)} and after {tuple(w_new_OI.shape)} differ in shape"
+        )
+    k, v = keys_IN.double(), values_ON.double()
+    asked = torch.linalg.matrix_norm(w_old_OI.double() @ k - v)
+    left = torch.linalg.matrix_norm(w_new_OI.double() @ k - v)
+    return float(left / asked.clamp_min(torch.finfo(torch.float64).tiny))
+
+
 def layer_scores(resid_LON: list[Tensor], spectral_L: Tensor, key_norms_LN: Tensor) -> Tensor:
     """Paper Eq. 22 per candidate layer: ‖(V_E − W0 K_E) / (‖W0‖₂ · ‖σ(x W_fc)‖)‖_F, shape (L,).
 

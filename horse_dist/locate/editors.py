@@ -21,8 +21,16 @@ from transformers import PreTrainedTokenizerBase
 
 from horse_dist.config import LocateConfig, RunConfig
 from horse_dist.data.records import EditRecord
+from horse_dist.data.tokenize import answer_stop_id
 from horse_dist.editor.alphaedit import alphaedit_delta, null_space_projector
-from horse_dist.editor.mose import layer_scores, memit_delta, mose_rotation, select_layer, with_neighbours
+from horse_dist.editor.mose import (
+    layer_scores,
+    memit_delta,
+    mose_rotation,
+    select_layer,
+    unreached_share,
+    with_neighbours,
+)
 from horse_dist.lm.registry import module_shape
 from horse_dist.locate.keys import compute_keys, subject_block_outputs
 from horse_dist.locate.layers import block_name, module_names_for, n_layers, set_weight_OI, weight_OI
@@ -102,6 +110,7 @@ class LocateEditor:
         self.cfg = cfg.locate
         validate_locate(self.cfg)
         self.model, self.tokenizer = model, tokenizer
+        self.stop_id = answer_stop_id(tokenizer, cfg.data.answer_end)  # value targets end the answer there
         self.candidates = candidate_layers(self.cfg, model)
         self.module_names = locate_module_names(self.cfg, model)
         self.n_layers = n_layers(model)
@@ -192,7 +201,7 @@ class LocateEditor:
                 self.model, self.tokenizer, self.cfg.n_prefixes, self.cfg.prefix_len, self.cfg.seed
             )
         names = [f"edit {self.n_edited + i} (subject {r.subject!r})" for i, r in enumerate(records)]
-        rewrite = rewrite_batch(self.tokenizer, records, self.prefixes, names)
+        rewrite = rewrite_batch(self.tokenizer, records, self.prefixes, names, self.stop_id)
         essence = essence_batch(self.tokenizer, records, self.cfg.essence_template, names)
         timings = {"time/prepare": time.perf_counter() - t0}
 
@@ -215,6 +224,7 @@ class LocateEditor:
         t2 = time.perf_counter()
         top_block = block_name(self._module(top))
         plain_rows = first_row_per_edit(rewrite)
+        unreached: list[float] = []
         for layer in layers:
             name = self._module(layer)
             module = self.model.get_submodule(name)
@@ -223,8 +233,12 @@ class LocateEditor:
             resid_NO = (target.target_NO - current_NO.to(target.target_NO.device)) / (top - layer + 1)
             w_OI = weight_OI(module).to(self.dtype)
             values_ON = w_OI @ keys_IN + resid_NO.T.to(self.dtype)
-            set_weight_OI(module, self.update(name, w_OI, keys_IN, values_ON))
+            new_OI = self.update(name, w_OI, keys_IN, values_ON)
+            unreached.append(unreached_share(w_OI, new_OI, keys_IN, values_ON))
+            set_weight_OI(module, new_OI)
         self.after_edit(rewrite, layers)
+        # what the updates left of the change their layers' values asked for (mean over layers; 0: all made)
+        timings["unreached"] = sum(unreached) / len(unreached)
         timings["time/update"] = time.perf_counter() - t2
         timings["time/total"] = time.perf_counter() - t0
         self.n_edited += len(records)

@@ -122,8 +122,11 @@ def rewrite_batch(
     records: Sequence[EditRecord],
     prefixes: Sequence[str],
     names: Sequence[str],
+    stop_id: int | None = None,
 ) -> LocateBatch:
-    """Every (prefix + prompt, answer) pair, teacher-forced; `names` label the records in errors."""
+    """Every (prefix + prompt, answer) pair, teacher-forced; `names` label the records in errors. With
+    `stop_id` (end-of-text, data.answer_end=eos) each answer's labels end with it, so the value target also
+    makes the model stop after the answer instead of running on."""
     texts, answers, starts, owners = [], [], [], []
     for i, record in enumerate(records):
         for prefix in prefixes:
@@ -131,7 +134,7 @@ def rewrite_batch(
             answers.append(record.answer)
             starts.append(len(prefix))
             owners.append(i)
-    examples = tokenize_examples(tokenizer, texts, answers)
+    examples = tokenize_examples(tokenizer, texts, answers, stop_id)
     positions = [
         subject_last_index(tokenizer, text, records[i].subject, ex.input_ids, start, names[i])
         for text, ex, start, i in zip(texts, examples, starts, owners)
