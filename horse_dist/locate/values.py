@@ -2,11 +2,12 @@
 
 A residual vector δ_e is added to the edited module's output at the subject's last token of every prompt of
 edit e (all prefixes, and the essence prompt), and optimised with Adam on
-  NLL(answer [+ end-of-text, data.answer_end=eos] | prefix + prompt)  +  kl_factor · KL(p_δ ‖ p_0) at the subject's last token of "{subject} is a"
+  NLL(answer | prefix + prompt)  +  kl_factor · KL(p_δ ‖ p_0) at the subject's last token of "{subject} is a"
   +  weight_decay · ‖δ_e‖² / ‖h_e‖²,
 with ‖δ_e‖ clamped to clamp_factor · ‖h_e‖, h_e the residual stream after the block at the subject's last
-token of the plain prompt. z_e = h_e + δ_e is then the layer's target (MEMIT §4.3). The N edits are optimised
-together: their δ are independent, so summing their losses is the same as N separate runs.
+token of the plain prompt (with data.answer_end=eos the answer's tokens end with end-of-text). z_e = h_e + δ_e
+is then the layer's target (MEMIT §4.3). The N edits are optimised together: their δ are independent, so
+summing their losses is the same as N separate runs.
 
 The module is a block's MLP output projection, whose output is added to the residual stream, so δ at its
 output is δ on the block's output at that one position. Nothing before the subject's last token depends on
