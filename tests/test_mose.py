@@ -137,10 +137,12 @@ def test_unreached_share_of_updates():
     assert unreached_share(w, reached, k, v) < 1e-6
     halfway = w + 0.5 * (reached - w)  # ΔW linear in the residual: half the change is made
     assert unreached_share(w, halfway, k, v) == pytest.approx(0.5, rel=1e-6)
-    # a rotation keeps ‖W k‖: a value twice as long as W k (same direction) stays half out of reach
-    k1 = k[:, :1]
-    rot = mose_rotation(w, k0 @ k0.T, k1, 2 * w @ k1, lam=0.0, dtype=torch.float64)
-    assert unreached_share(w, rot @ w, k1, 2 * w @ k1) == pytest.approx(1.0, rel=1e-6)
+    # a rotation keeps ‖W k‖: with nothing to preserve (λ 0) it turns W k onto v's direction, and what stays
+    # undone is exactly the length it cannot change, |‖v‖ − ‖Wk‖| / ‖v − Wk‖
+    k1, v1 = k[:, :1], 1.7 * v[:, :1]
+    rot = mose_rotation(w, k0 @ k0.T, k1, v1, lam=0.0, dtype=torch.float64)
+    bound = abs(float(v1.norm() - (w @ k1).norm())) / float((v1 - w @ k1).norm())
+    assert unreached_share(w, rot @ w, k1, v1) == pytest.approx(bound, rel=1e-9)
     with pytest.raises(ValueError, match="differ in shape"):
         unreached_share(w, w[:, :3], k, v)
 
