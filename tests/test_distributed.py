@@ -469,8 +469,14 @@ def test_ray_job_submit(tmp_path, tiny_dir):
         env["RAY_JOB_ADDRESS"] = address
         _wait_for_dashboard(address, dict(env, RAY_AUTH_MODE="token"), head)  # as launch/submit.sh sets it
         # The job agent registers some time after the head, and a loaded machine may drop the submission's
-        # connection: both are retried (each attempt its own run folder, in case a dropped one was accepted).
-        transient = ("No available agent", "Connection aborted", "RemoteDisconnected")
+        # connection or restart the dashboard under it (the full suite once saw "Failed to connect to Ray" after
+        # the submission was accepted): all are retried, each attempt its own run folder.
+        transient = (
+            "No available agent",
+            "Connection aborted",
+            "RemoteDisconnected",
+            "Failed to connect to Ray",
+        )
         deadline = time.monotonic() + 240
         for attempt in range(100):
             submit = subprocess.run(
