@@ -15,7 +15,7 @@ from horse_dist.config import CommandLine, ConfigError, RunConfig, load_config, 
 from horse_dist.data import DataFormatError
 from horse_dist.editor import RidgeSolveError
 from horse_dist.lm.export import ExportTargetError
-from horse_dist.process import setup_logging
+from horse_dist.process import killed_exit_code, setup_logging
 from horse_dist.training.checkpoint import CheckpointError, RunFolderError
 from horse_dist.training.engine import DivergedError
 
@@ -50,14 +50,19 @@ def one_line(err: BaseException) -> str:
 
 
 def run_cli(main: Callable[[list[str]], Any], argv: list[str] | None = None) -> None:
-    """Call `main(args)`; user errors and OS errors end the process with one line, unless --debug."""
+    """Call `main(args)`; user errors and OS errors end the process with one line, unless --debug. A job
+    stopped by SIGTERM exits 128 + 15 even when a library turned the exit into an error of its own."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]
     try:
         main(args)
-    except (*USER_ERRORS, *RUN_ERRORS, OSError) as err:
-        if debug:
+    except BaseException as err:
+        killed = killed_exit_code()
+        if killed is not None and not (isinstance(err, SystemExit) and err.code == killed):
+            print(f"stopped by signal {killed - 128} ({type(err).__name__} on the way out)", file=sys.stderr)  # noqa: T201
+            raise SystemExit(killed) from None
+        if debug or not isinstance(err, (*USER_ERRORS, *RUN_ERRORS, OSError)):
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)  # noqa: T201
         raise SystemExit(BAD_INPUT_EXIT if isinstance(err, USER_ERRORS) else SYSTEM_EXIT) from None

@@ -19,6 +19,7 @@ def setup_logging() -> None:
 
 _pending: list[int] = []  # signals that arrived inside a deferred block
 _deferring = 0  # nesting depth of sigterm_deferred blocks in the main thread
+_received: list[int] = []  # every SIGTERM the handler saw, so a masked exit still exits as killed
 
 
 def _in_main_thread() -> bool:
@@ -34,12 +35,20 @@ def exit_on_sigterm() -> None:
         return
 
     def handler(signum, _frame):
+        _received.append(signum)
         if _deferring:
             _pending.append(signum)
             return
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, handler)
+
+
+def killed_exit_code() -> int | None:
+    """128 + the signal if the handler saw one, else None. A library whose `finally` fails while the
+    SystemExit passes through it (OmegaConf did: UnboundLocalError) replaces the exit with its own error;
+    the entry point asks this to exit as killed all the same."""
+    return 128 + _received[0] if _received else None
 
 
 @contextmanager

@@ -17,7 +17,8 @@ from mlflow import MlflowClient
 from safetensors import safe_open
 from tiny_models import save_tiny_model
 
-from horse_dist import compare, evaluate, train
+from horse_dist import compare, evaluate, process, train
+from horse_dist.cli import run_cli
 from horse_dist.config import ConfigError
 from horse_dist.process import exit_on_sigterm
 from horse_dist.tracking.mlflow_run import PARENT_TAG, MLflowTracker, git_commit, registered_model_name
@@ -506,8 +507,9 @@ def test_a_real_mlflow_server_receives_a_run_over_http(tiny, server, tmp_path):
     assert version.run_id == run.info.run_id
 
 
-def test_a_sigterm_during_a_checkpoint_write_exits_right_after_it(tmp_path):
+def test_a_sigterm_during_a_checkpoint_write_exits_right_after_it(tmp_path, monkeypatch):
     """Raised inside torch.save's zip writer, the exit used to turn into the writer's own error (status 1)."""
+    monkeypatch.setattr(process, "_received", [])  # this test's signals stay out of later run_cli calls
     path = tmp_path / "checkpoint.pt"
 
     def write_and_get_killed(handle):
@@ -528,6 +530,29 @@ def test_a_sigterm_during_a_checkpoint_write_exits_right_after_it(tmp_path):
     assert deferred.value.code == immediate.value.code == 128 + signal.SIGTERM
     assert path.read_bytes() == b"first half, second half"  # written whole and renamed into place
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_a_sigterm_that_a_library_turns_into_its_own_error_still_exits_as_killed(monkeypatch, capsys):
+    """OmegaConf's `finally` once raised UnboundLocalError while the SystemExit(143) passed through it: the
+    job exited 1 with a traceback, and a pod's restart policy read a crash instead of a stop."""
+    monkeypatch.setattr(process, "_received", [])
+
+    def main(_args):
+        exit_on_sigterm()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # not reached: the handler raises SystemExit here
+        finally:
+            raise UnboundLocalError("cannot access local variable 'old'")
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            run_cli(main, [])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "stopped by signal 15 (UnboundLocalError on the way out)\n"
 
 
 def test_sigterm_closes_the_run_as_failed_and_keeps_the_checkpoint(tiny, tmp_path):
