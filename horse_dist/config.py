@@ -229,6 +229,9 @@ class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned b
     v_weight_decay: float = 0.5  # on ‖δ‖² / ‖h‖²
     clamp_factor: float = 0.75  # ‖δ‖ <= clamp_factor ‖h‖
     v_min_nll: float = 0.05  # stop early once every edit's answer NLL is below this
+    # after the update, edits whose plain prompt does not yet give every answer token as the argmax get
+    # new values from the edited model and a second update, up to this many times (0: never)
+    refine_rounds: int = 0
     n_prefixes: int = 4  # sampled prefixes besides the empty one
     prefix_len: int = 5  # sampled tokens per prefix
     essence_template: str = "{} is a"

@@ -2,6 +2,7 @@
 
 import importlib.util
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from tiny_models import build_tiny_model
 
 from horse_dist.config import RunConfig, with_changes
 from horse_dist.data import EditRecord, load_records, tokenize_examples
+from horse_dist.data.tokenize import IGNORE_INDEX
 from horse_dist.editor.mose import frobenius_and_condition
 from horse_dist.lm.tiny_tokenizers import build_bpe_tokenizer, build_sentencepiece_tokenizer
 from horse_dist.locate import (
@@ -19,14 +21,16 @@ from horse_dist.locate import (
     ValueOptions,
     build_locate_editor,
     compute_keys,
+    editors,
     essence_batch,
     locate_module_names,
     optimise_values,
     rewrite_batch,
 )
+from horse_dist.locate.keys import run_base
 from horse_dist.locate.layers import weight_OI
 from horse_dist.locate.prompts import subject_last_index
-from horse_dist.locate.values import FullPasses, TailPasses, use_tail_passes
+from horse_dist.locate.values import FullPasses, TailPasses, answers_made, use_tail_passes
 
 RECORDS = [
     EditRecord(
@@ -341,6 +345,54 @@ def test_keep_edits_preserves_the_stream_s_earlier_edit_keys(tiny):
     finally:
         model.load_state_dict(state)
     assert all(kept < 0.8 * free for kept, free in zip(moved[True], moved[False])), moved
+
+
+def test_answers_made_reads_every_answer_token_of_the_plain_prompt(tiny):
+    model, tokenizer = tiny
+    batch = rewrite_batch(tokenizer, RECORDS, PREFIXES, ["a", "b", "c"])
+    with torch.no_grad():
+        guess_BT = model.get_output_embeddings()(run_base(model, batch)).argmax(-1)
+    answer_BT = batch.labels_BT != IGNORE_INDEX
+    own = replace(
+        batch, labels_BT=torch.where(answer_BT, guess_BT, batch.labels_BT)
+    )  # the model's own answers
+    assert answers_made(model, own).tolist() == [True, True, True]
+    plain_N = torch.tensor([0, 3, 6])  # rows: prefixes within each edit, the plain prompt ("") first
+    assert batch.edit_of_row_B[plain_N].tolist() == [0, 1, 2]
+    labels_BT = own.labels_BT.clone()
+    row, col = 4, int(answer_BT[4].nonzero()[-1])  # a prefixed row of edit 1: not what the score reads
+    labels_BT[row, col] = (labels_BT[row, col] + 1) % model.config.vocab_size
+    assert answers_made(model, replace(own, labels_BT=labels_BT)).tolist() == [True, True, True]
+    col = int(answer_BT[3].nonzero()[-1])  # the last answer token of edit 1's plain prompt
+    labels_BT[3, col] = (labels_BT[3, col] + 1) % model.config.vocab_size
+    assert answers_made(model, replace(own, labels_BT=labels_BT)).tolist() == [True, False, True]
+
+
+def test_refine_rounds_edit_again_only_what_is_not_yet_made(tiny, monkeypatch):
+    """A tiny random model makes none of the edits: each round takes all three again, and the batch's keys
+    join C_p once, after the last round. Edits the model already answers are never refined."""
+    model, tokenizer = tiny
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        editor, before, after, timings = _edit(
+            model, tokenizer, _cfg("alphaedit", refine_rounds=2, select_layer=False)
+        )
+        assert timings["refined"] == 6.0 and timings["time/refine"] > 0
+        assert not answers_made(model, editor._batches(RECORDS, 0)[0]).any()
+        for name in editor.module_names:
+            assert torch.linalg.matrix_rank(editor.edited[name]) == 3
+        model.load_state_dict(state)
+        monkeypatch.setattr(
+            editors, "answers_made", lambda _model, batch: torch.ones(batch.n_edits, dtype=bool)
+        )
+        assert (
+            _edit(model, tokenizer, _cfg("alphaedit", refine_rounds=2, select_layer=False))[3]["refined"]
+            == 0.0
+        )
+        with pytest.raises(ValueError, match="locate.refine_rounds must be >= 0"):
+            _edit(model, tokenizer, _cfg("alphaedit", refine_rounds=-1))
+    finally:
+        model.load_state_dict(state)
 
 
 def test_editor_config_errors(tiny):

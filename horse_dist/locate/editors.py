@@ -35,7 +35,13 @@ from horse_dist.lm.registry import module_shape
 from horse_dist.locate.keys import compute_keys, subject_block_outputs
 from horse_dist.locate.layers import block_name, module_names_for, n_layers, set_weight_OI, weight_OI
 from horse_dist.locate.prompts import LocateBatch, essence_batch, rewrite_batch, sample_prefixes
-from horse_dist.locate.values import ValueOptions, ValueResult, first_row_per_edit, optimise_values
+from horse_dist.locate.values import (
+    ValueOptions,
+    ValueResult,
+    answers_made,
+    first_row_per_edit,
+    optimise_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def validate_locate(cfg: LocateConfig) -> None:
     for key in ("v_lr", "clamp_factor"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"locate.{key} must be positive, got {getattr(cfg, key)}")
-    for key in ("v_steps", "n_prefixes", "prefix_len", "neighbours"):
+    for key in ("v_steps", "n_prefixes", "prefix_len", "neighbours", "refine_rounds"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"locate.{key} must be >= 0, got {getattr(cfg, key)}")
 
@@ -192,6 +198,13 @@ class LocateEditor:
         )
         return chosen, results
 
+    def _batches(self, records: list[EditRecord], first: int) -> tuple[LocateBatch, LocateBatch]:
+        """The rewrite and essence batches of `records`, the stream's edits number `first` on."""
+        assert self.prefixes is not None
+        names = [f"edit {first + i} (subject {r.subject!r})" for i, r in enumerate(records)]
+        rewrite = rewrite_batch(self.tokenizer, records, self.prefixes, names, self.stop_id)
+        return rewrite, essence_batch(self.tokenizer, records, self.cfg.essence_template, names)
+
     def edit(self, records: list[EditRecord]) -> dict[str, float]:
         if not records:
             return {}
@@ -200,9 +213,7 @@ class LocateEditor:
             self.prefixes = sample_prefixes(
                 self.model, self.tokenizer, self.cfg.n_prefixes, self.cfg.prefix_len, self.cfg.seed
             )
-        names = [f"edit {self.n_edited + i} (subject {r.subject!r})" for i, r in enumerate(records)]
-        rewrite = rewrite_batch(self.tokenizer, records, self.prefixes, names, self.stop_id)
-        essence = essence_batch(self.tokenizer, records, self.cfg.essence_template, names)
+        rewrite, essence = self._batches(records, self.n_edited)
         timings = {"time/prepare": time.perf_counter() - t0}
 
         t1 = time.perf_counter()
@@ -222,6 +233,25 @@ class LocateEditor:
         timings["nll_after_values"] = float(target.nll_after_N.mean())
 
         t2 = time.perf_counter()
+        unreached = self._update_layers(rewrite, target, layers)
+        timings["time/update"] = time.perf_counter() - t2
+        t3 = time.perf_counter()
+        timings["refined"] = float(self._refine(records, layers))
+        timings["time/refine"] = time.perf_counter() - t3
+        self.after_edit(rewrite, layers)
+        # what the updates left of the change their layers' values asked for (mean over layers; 0: all made)
+        timings["unreached"] = sum(unreached) / len(unreached)
+        timings["time/total"] = time.perf_counter() - t0
+        self.n_edited += len(records)
+        logger.info(
+            "%s: %d edits on layers %s in %.2fs", self.name, len(records), layers, timings["time/total"]
+        )
+        return timings
+
+    def _update_layers(self, rewrite: LocateBatch, target: ValueResult, layers: list[int]) -> list[float]:
+        """Move each layer, lowest first, a share of the way to the target z at the top one (MEMIT's
+        spreading); returns the share of each layer's asked change its update left undone."""
+        top = layers[-1]
         top_block = block_name(self._module(top))
         plain_rows = first_row_per_edit(rewrite)
         unreached: list[float] = []
@@ -236,16 +266,27 @@ class LocateEditor:
             new_OI = self.update(name, w_OI, keys_IN, values_ON)
             unreached.append(unreached_share(w_OI, new_OI, keys_IN, values_ON))
             set_weight_OI(module, new_OI)
-        self.after_edit(rewrite, layers)
-        # what the updates left of the change their layers' values asked for (mean over layers; 0: all made)
-        timings["unreached"] = sum(unreached) / len(unreached)
-        timings["time/update"] = time.perf_counter() - t2
-        timings["time/total"] = time.perf_counter() - t0
-        self.n_edited += len(records)
-        logger.info(
-            "%s: %d edits on layers %s in %.2fs", self.name, len(records), layers, timings["time/total"]
-        )
-        return timings
+        return unreached
+
+    def _refine(self, records: list[EditRecord], layers: list[int]) -> int:
+        """Up to locate.refine_rounds more rounds for the edits the update has not yet made (their plain
+        prompt's answer not the argmax at every token): values again from the edited model, and a second
+        update. Runs before the batch's keys join C_p, which would hold the edit where it fell short.
+        Returns the number of edits refined (counted once per round)."""
+        refined, todo = 0, list(range(len(records)))
+        for _ in range(self.cfg.refine_rounds):
+            rewrite, _ = self._batches([records[i] for i in todo], self.n_edited)
+            made_N = answers_made(self.model, rewrite).tolist()
+            todo = [i for i, made in zip(todo, made_N) if not made]
+            if not todo:
+                break
+            missed = [records[i] for i in todo]
+            rewrite, essence = self._batches(missed, self.n_edited)
+            target = self._values(layers[-1], rewrite, essence)
+            self._update_layers(rewrite, target, layers)
+            refined += len(todo)
+            logger.info("%s: refined %d of %d edits not yet made", self.name, len(todo), len(records))
+        return refined
 
 
 class MoseEditor(LocateEditor):

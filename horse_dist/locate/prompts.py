@@ -92,6 +92,18 @@ def _batch(rows_ids, rows_labels, subject_pos, edit_of_row, n_edits, pad_id) -> 
     )
 
 
+def rows_of(batch: LocateBatch, rows_R: Tensor) -> LocateBatch:
+    """The rows `rows_R` of `batch` (same edits, same width)."""
+    return LocateBatch(
+        input_ids_BT=batch.input_ids_BT[rows_R],
+        attention_mask_BT=batch.attention_mask_BT[rows_R],
+        labels_BT=batch.labels_BT[rows_R],
+        subject_pos_B=batch.subject_pos_B[rows_R],
+        edit_of_row_B=batch.edit_of_row_B[rows_R],
+        n_edits=batch.n_edits,
+    )
+
+
 def stacked(first: LocateBatch, second: LocateBatch) -> LocateBatch:
     """The rows of `first`, then those of `second` (same edits), right-padded to the wider batch."""
     if first.n_edits != second.n_edits:

@@ -41,7 +41,7 @@ from horse_dist.lm.fast_forward import RESUMABLE, block_count, hidden_entering_b
 from horse_dist.lm.registry import layer_index, model_type
 from horse_dist.locate.keys import forward_hook, mean_per_edit, run_base, subject_block_outputs
 from horse_dist.locate.layers import block_name
-from horse_dist.locate.prompts import LocateBatch, stacked
+from horse_dist.locate.prompts import LocateBatch, rows_of, stacked
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,17 @@ def nll_per_edit(model: nn.Module, hidden_BTO: Tensor, labels_BT: Tensor, batch:
 def answer_nll(model: nn.Module, hidden_BTO: Tensor, batch: LocateBatch) -> Tensor:
     """Mean answer-token NLL per edit from a full pass's final hidden states: (N,) float32."""
     return nll_per_edit(model, hidden_BTO, batch.labels_BT, batch)
+
+
+def answers_made(model: nn.Module, batch: LocateBatch) -> Tensor:
+    """(N,) bool: whether every answer token of each edit's plain prompt (its first row) is the model's
+    argmax, teacher-forced: the edit as the success score reads it."""
+    plain = rows_of(batch, first_row_per_edit(batch))
+    with torch.no_grad():
+        hidden_BTO = run_base(model, plain)
+        labels_BT = plain.labels_BT.to(hidden_BTO.device)
+        guess_BT = model.get_output_embeddings()(hidden_BTO).argmax(-1)
+    return ((guess_BT == labels_BT) | (labels_BT == IGNORE_INDEX)).all(1).cpu()
 
 
 def log_probs(model: nn.Module, hidden_BO: Tensor) -> Tensor:
