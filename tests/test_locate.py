@@ -171,6 +171,12 @@ def test_value_optimisation_lowers_answer_nll(tiny):
     # the clamp binds: with clamp_factor 0.01 δ stays tiny
     small = optimise_values(model, name, rewrite, essence, ValueOptions(steps=5, clamp_factor=0.01))
     assert (small.delta_NO.norm(dim=1) <= 0.01 * small.hidden_NO.norm(dim=1) * (1 + 1e-5)).all()
+    # the stop rule: a mean-NLL target every edit already meets stops at once, unless a token is still above
+    # max_token_nll (the worst token of an edit is above its mean)
+    loose = ValueOptions(steps=3, min_nll=100.0)
+    assert optimise_values(model, name, rewrite, essence, loose).steps == 0
+    strict = replace(loose, max_token_nll=float(result.nll_before_N.min()))
+    assert optimise_values(model, name, rewrite, essence, strict).steps == 3
 
 
 @pytest.mark.parametrize("tail", [False, True])
@@ -208,10 +214,17 @@ def test_tail_passes_equal_full_passes(tiny):
     for kind in (FullPasses, TailPasses):
         delta_NO.grad = None
         with kind(model, name, rewrite, essence, delta_NO) as passes:
-            nll_N, logp_NV = passes.losses()
+            nll_N, worst_N, logp_NV = passes.losses()
+            assert (worst_N >= nll_N).all()  # the worst token is at least the mean
             (nll_N.sum() + (logp_NV.exp() * logp_NV).sum()).backward()
-            results.append((passes.hidden_NO, nll_N.detach(), logp_NV.detach(), delta_NO.grad.clone()))
-    (h_full, nll_full, logp_full, grad_full), (h_tail, nll_tail, logp_tail, grad_tail) = results
+            results.append(
+                (passes.hidden_NO, nll_N.detach(), worst_N, logp_NV.detach(), delta_NO.grad.clone())
+            )
+    (
+        (h_full, nll_full, worst_full, logp_full, grad_full),
+        (h_tail, nll_tail, worst_tail, logp_tail, grad_tail),
+    ) = results
+    torch.testing.assert_close(worst_tail, worst_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h_tail, h_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(nll_tail, nll_full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(logp_tail, logp_full, rtol=1e-5, atol=1e-5)

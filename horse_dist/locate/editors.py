@@ -12,7 +12,9 @@ Legend: N edits, I = d_in, O = d_out.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from dataclasses import replace
 from typing import Protocol
 
 import torch
@@ -175,9 +177,9 @@ class LocateEditor:
             keys_IN = compute_keys(self.model, name, rewrite).to(self.dtype)
             self.edited[name] += keys_IN @ keys_IN.T
 
-    def _values(self, layer: int, rewrite, essence) -> ValueResult:
+    def _values(self, layer: int, rewrite, essence, options: ValueOptions | None = None) -> ValueResult:
         name = self._module(layer)
-        return optimise_values(self.model, name, rewrite, essence, self.options)
+        return optimise_values(self.model, name, rewrite, essence, options or self.options)
 
     def _select(self, rewrite, essence) -> tuple[int, dict[int, ValueResult]]:
         """Eq. 22 over the candidate layers: the δ each needs, scaled by ‖W‖₂ and ‖k_e‖."""
@@ -271,8 +273,12 @@ class LocateEditor:
     def _refine(self, records: list[EditRecord], layers: list[int]) -> int:
         """Up to locate.refine_rounds more rounds for the edits the update has not yet made (their plain
         prompt's answer not the argmax at every token): values again from the edited model, and a second
-        update. Runs before the batch's keys join C_p, which would hold the edit where it fell short.
-        Returns the number of edits refined (counted once per round)."""
+        update. These values stop only once every answer token of every row is at probability above 1/2:
+        an edit the first round left short can already sit below the mean-NLL target (a long answer with
+        one token wrong, or prefixed rows over the target while the plain prompt is under it). Runs before
+        the batch's keys join C_p, which would hold the edit where it fell short. Returns the number of
+        edits refined (counted once per round)."""
+        options = replace(self.options, max_token_nll=math.log(2))
         refined, todo = 0, list(range(len(records)))
         for _ in range(self.cfg.refine_rounds):
             rewrite, _ = self._batches([records[i] for i in todo], self.n_edited)
@@ -282,7 +288,7 @@ class LocateEditor:
                 break
             missed = [records[i] for i in todo]
             rewrite, essence = self._batches(missed, self.n_edited)
-            target = self._values(layers[-1], rewrite, essence)
+            target = self._values(layers[-1], rewrite, essence, options)
             self._update_layers(rewrite, target, layers)
             refined += len(todo)
             logger.info("%s: refined %d of %d edits not yet made", self.name, len(todo), len(records))

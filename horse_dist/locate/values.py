@@ -22,6 +22,7 @@ Legend: B rows, T positions, Q tail slots, N edits, O = d_out (hidden size), V v
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ class ValueOptions:
     weight_decay: float = 0.5
     clamp_factor: float = 0.75
     min_nll: float = 0.05  # stop once every edit's mean answer NLL is below this
+    max_token_nll: float = math.inf  # ... and every answer token of every row below this (ln 2: the argmax)
 
 
 @dataclass
@@ -74,9 +76,11 @@ def first_row_per_edit(batch: LocateBatch) -> Tensor:
     return first_N
 
 
-def nll_per_edit(model: nn.Module, hidden_BTO: Tensor, labels_BT: Tensor, batch: LocateBatch) -> Tensor:
-    """Mean answer-token NLL per row (labels at the same slots as the final hidden states), averaged over
-    each edit's rows: (N,) float32."""
+def nll_per_edit(
+    model: nn.Module, hidden_BTO: Tensor, labels_BT: Tensor, batch: LocateBatch
+) -> tuple[Tensor, Tensor]:
+    """Answer-token NLL per edit from final hidden states (labels at the same slots): the mean per row
+    averaged over the edit's rows, and the worst single token over them; (N,), (N,) float32."""
     labels_BT = labels_BT.to(hidden_BTO.device)
     mask_BT = labels_BT != IGNORE_INDEX
     logits_MV = model.get_output_embeddings()(hidden_BTO[mask_BT]).float()
@@ -85,11 +89,14 @@ def nll_per_edit(model: nn.Module, hidden_BTO: Tensor, labels_BT: Tensor, batch:
     n_rows = labels_BT.shape[0]
     sums_B = torch.zeros(n_rows, device=nll_M.device).index_add(0, row_M, nll_M)
     per_row_B = sums_B / mask_BT.sum(1).clamp_min(1)
-    return mean_per_edit(per_row_B[:, None], batch.edit_of_row_B, batch.n_edits)[:, 0]
+    edit_M = batch.edit_of_row_B.to(nll_M.device)[row_M]
+    worst_N = torch.zeros(batch.n_edits, device=nll_M.device)
+    worst_N = worst_N.scatter_reduce(0, edit_M, nll_M.detach(), reduce="amax", include_self=False)
+    return mean_per_edit(per_row_B[:, None], batch.edit_of_row_B, batch.n_edits)[:, 0], worst_N
 
 
-def answer_nll(model: nn.Module, hidden_BTO: Tensor, batch: LocateBatch) -> Tensor:
-    """Mean answer-token NLL per edit from a full pass's final hidden states: (N,) float32."""
+def answer_nll(model: nn.Module, hidden_BTO: Tensor, batch: LocateBatch) -> tuple[Tensor, Tensor]:
+    """Mean and worst answer-token NLL per edit from a full pass's final hidden states (nll_per_edit)."""
     return nll_per_edit(model, hidden_BTO, batch.labels_BT, batch)
 
 
@@ -159,11 +166,12 @@ class FullPasses:
     def __exit__(self, *exc) -> None:
         self._hook.__exit__(*exc)
 
-    def losses(self) -> tuple[Tensor, Tensor]:
-        """Answer NLL per edit (N,) and the essence prompts' log-probabilities at the subject (N, V)."""
-        nll_N = answer_nll(self.model, self.adder.run(self.model, self.rewrite), self.rewrite)
+    def losses(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Answer NLL per edit (N,), its worst token (N,), and the essence prompts' log-probabilities at the
+        subject (N, V)."""
+        nll_N, worst_N = answer_nll(self.model, self.adder.run(self.model, self.rewrite), self.rewrite)
         logp_NV = subject_log_probs(self.model, self.adder.run(self.model, self.essence), self.essence)
-        return nll_N, logp_NV
+        return nll_N, worst_N, logp_NV
 
 
 class TailPasses:
@@ -203,16 +211,17 @@ class TailPasses:
     def __exit__(self, *exc) -> None:
         return None
 
-    def losses(self) -> tuple[Tensor, Tensor]:
-        """Answer NLL per edit (N,) and the essence prompts' log-probabilities at the subject (N, V)."""
+    def losses(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Answer NLL per edit (N,), its worst token (N,), and the essence prompts' log-probabilities at the
+        subject (N, V)."""
         at_subject_BO = self.entering_BQO[:, 0] + self.delta_NO[self.edit_of_row_B].to(
             self.entering_BQO.dtype
         )
         tail_BQO = torch.cat([at_subject_BO[:, None], self.entering_BQO[:, 1:]], dim=1)
         final_BQO = tail_on_context(self.model, self.layout, tail_BQO, self.block, self.context)
         rows = self.n_rewrite
-        nll_N = nll_per_edit(self.model, final_BQO[:rows], self.labels_BQ[:rows], self.rewrite)
-        return nll_N, log_probs(self.model, final_BQO[rows:, 0])  # essence rows are in edit order
+        nll_N, worst_N = nll_per_edit(self.model, final_BQO[:rows], self.labels_BQ[:rows], self.rewrite)
+        return nll_N, worst_N, log_probs(self.model, final_BQO[rows:, 0])  # essence rows are in edit order
 
 
 def use_tail_passes(model: nn.Module, module_name: str) -> bool:
@@ -242,12 +251,12 @@ def _adam_on_delta(passes: FullPasses | TailPasses, delta_NO: Tensor, options: V
     hidden_NO = passes.hidden_NO.to(delta_NO.device)
     norm_N = hidden_NO.norm(dim=1).clamp_min(1e-6)
     with torch.no_grad():
-        nll_before_N, logp0_NV = passes.losses()  # δ = 0 still
+        nll_before_N, _, logp0_NV = passes.losses()  # δ = 0 still
     optimiser = torch.optim.Adam([delta_NO], lr=options.lr)
     steps = 0
     for _ in range(options.steps):
-        nll_N, logp_NV = passes.losses()
-        if float(nll_N.detach().max()) < options.min_nll:
+        nll_N, worst_N, logp_NV = passes.losses()
+        if float(nll_N.detach().max()) < options.min_nll and float(worst_N.max()) < options.max_token_nll:
             break
         kl_N = (logp_NV.exp() * (logp_NV - logp0_NV)).sum(-1)
         decay_N = options.weight_decay * (delta_NO.norm(dim=1) / norm_N) ** 2
