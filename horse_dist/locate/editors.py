@@ -5,7 +5,9 @@ One call to `edit` applies one batch of edits in place:
   -> target z = h_L + δ at the top edited layer L -> for each edited layer l, ascending: keys K_l (with the
   layers below already edited), residual (z − h_L(current)) / (L − l + 1) (MEMIT's spreading), values
   V_l = W_l K_l + residual, update W_l (MOSE: W <- R W; MEMIT: W <- W + ΔW; AlphaEdit: W <- W + ΔW with ΔW
-  in the null space of the preserved keys, then the batch's keys join those of earlier edits).
+  in the null space of the preserved keys) -> with locate.refine_rounds, the edits whose plain prompt does
+  not yet give the answer get values from the edited model and another update -> the batch's keys join those
+  of earlier edits (C_p).
 Legend: N edits, I = d_in, O = d_out.
 """
 
