@@ -240,7 +240,7 @@ class LocateEditor:
         unreached = self._update_layers(rewrite, target, layers)
         timings["time/update"] = time.perf_counter() - t2
         t3 = time.perf_counter()
-        timings["refined"] = float(self._refine(records, layers))
+        timings["refined"] = float(self._refine(records, rewrite, layers))
         timings["time/refine"] = time.perf_counter() - t3
         self.after_edit(rewrite, layers)
         # what the updates left of the change their layers' values asked for (mean over layers; 0: all made)
@@ -272,7 +272,7 @@ class LocateEditor:
             set_weight_OI(module, new_OI)
         return unreached
 
-    def _refine(self, records: list[EditRecord], layers: list[int]) -> int:
+    def _refine(self, records: list[EditRecord], rewrite: LocateBatch, layers: list[int]) -> int:
         """Up to locate.refine_rounds more rounds for the edits the update has not yet made (their plain
         prompt's answer not the argmax at every token): values again from the edited model, and a second
         update. These values stop only once every answer token of every row is at probability above 1/2:
@@ -283,13 +283,11 @@ class LocateEditor:
         options = replace(self.options, max_token_nll=math.log(2))
         refined, todo = 0, list(range(len(records)))
         for _ in range(self.cfg.refine_rounds):
-            rewrite, _ = self._batches([records[i] for i in todo], self.n_edited)
-            made_N = answers_made(self.model, rewrite).tolist()
+            made_N = answers_made(self.model, rewrite).tolist()  # rewrite: the rows of `todo`
             todo = [i for i, made in zip(todo, made_N) if not made]
             if not todo:
                 break
-            missed = [records[i] for i in todo]
-            rewrite, essence = self._batches(missed, self.n_edited)
+            rewrite, essence = self._batches([records[i] for i in todo], self.n_edited)
             target = self._values(layers[-1], rewrite, essence, options)
             self._update_layers(rewrite, target, layers)
             refined += len(todo)
