@@ -53,6 +53,8 @@ HOW: dict[str, str] = {
     "sequential.checkpoint=runs/<run>": RUN,
     "python -m horse_dist.sequential --config configs/sequential_batch.yaml sequential.method=mose": CONFIG
     + "; located edits take 15-24 s each on SmolLM2 here: test_sequential.py::test_locate_stream_on_the_tiny_model runs MOSE and MEMIT",
+    "python -m horse_dist.sequential --config configs/sequential_mose.yaml sequential.steps=96": CONFIG
+    + "; test_sequential.py::test_locate_stream_on_the_tiny_model runs MOSE",
     "python -m horse_dist.sequential --config configs/sequential_alphaedit.yaml sequential.steps=24": CONFIG
     + "; test_sequential.py::test_locate_stream_on_the_tiny_model runs AlphaEdit",
     "python -m horse_dist.sequential --config configs/sequential_memit.yaml sequential.steps=24": CONFIG
