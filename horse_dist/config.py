@@ -222,6 +222,8 @@ class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned b
     # mose/memit: the keys of the stream's earlier edits join the preserved keys, each as one key (C0 + C_p/λ),
     # so later edits keep their outputs (alphaedit always keeps them). MOSE, 24 head edits: ES 0.70 -> 0.81
     keep_edits: bool = True
+    # mose/memit with keep_edits: each earlier edit key weighs this many new edit keys (C0 + w C_p/λ)
+    keep_weight: float = 1.0
     solve_dtype: str = "float64"  # SVD / Cholesky dtype
     v_steps: int = 20  # Adam steps of the value optimisation
     v_lr: float = 0.5

@@ -328,36 +328,42 @@ def test_alphaedit_leaves_preserved_keys_and_keeps_edited_keys(tiny):
 
 
 def test_keep_edits_preserves_the_stream_s_earlier_edit_keys(tiny):
-    """keep_edits: the first edit's keys join the preserved statistics (C0 + C_p/λ), so the second edit
-    moves their outputs less than without (MOSE; MEMIT shares `preserved`)."""
+    """keep_edits: the first edit's keys join the preserved statistics (C0 + w C_p/λ), so the second edit
+    moves their outputs less than without, and less again at keep_weight w = 10 (MOSE; MEMIT shares
+    `preserved`)."""
     model, tokenizer = tiny
     state = {k: v.clone() for k, v in model.state_dict().items()}
     moved, first_keys = {}, {}
     try:
-        for keep in (True, False):  # the first edit is the same in both (C_p starts at zero)
+        for keep, weight in ((True, 10.0), (True, 1.0), (False, 1.0)):  # the same first edit (C_p is zero)
             model.load_state_dict(state)
-            cfg = _cfg("mose", select_layer=False, lam=0.01, keep_edits=keep)
+            cfg = _cfg("mose", select_layer=False, lam=0.01, keep_edits=keep, keep_weight=weight)
             names = locate_module_names(cfg.locate, model)
             editor = build_locate_editor(cfg, model, tokenizer, _random_stats(model, names))
             editor.edit(RECORDS[:1])
-            if keep:
+            if keep and not first_keys:
                 first_keys = {n: editor.edited[n].clone() for n in names}  # K₁K₁ᵀ, rank 1
             between = {n: weight_OI(model.get_submodule(n)).double().clone() for n in names}
             editor.edit(RECORDS[1:2])
             for name in names:
                 assert torch.linalg.matrix_rank(editor.edited[name]) == (2 if keep else 0)
                 expected = (
-                    editor.stats[name] + editor.edited[name] / editor.lam if keep else editor.stats[name]
+                    editor.stats[name] + weight * editor.edited[name] / editor.lam
+                    if keep
+                    else editor.stats[name]
                 )
                 torch.testing.assert_close(editor.preserved(name), expected)
-            moved[keep] = [  # how far the second edit moved the first edit's key outputs, per layer
+            moved[keep, weight] = [  # how far the second edit moved the first edit's key outputs, per layer
                 float(((weight_OI(model.get_submodule(n)).double() - between[n]) @ first_keys[n]).norm())
                 / float((between[n] @ first_keys[n]).norm())
                 for n in names
             ]
     finally:
         model.load_state_dict(state)
-    assert all(kept < 0.8 * free for kept, free in zip(moved[True], moved[False])), moved
+    for held, less_held in (((True, 1.0), (False, 1.0)), ((True, 10.0), (True, 1.0))):
+        assert all(a < 0.8 * b for a, b in zip(moved[held], moved[less_held])), moved
+    with pytest.raises(ValueError, match="locate.keep_weight must be positive, got 0"):
+        build_locate_editor(_cfg("mose", keep_weight=0.0), model, tokenizer, {})
 
 
 def test_answers_made_reads_every_answer_token_of_the_plain_prompt(tiny):

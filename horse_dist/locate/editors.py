@@ -101,7 +101,7 @@ def validate_locate(cfg: LocateConfig) -> None:
         raise ValueError(f"locate.lam must be >= 0 (0: the method's default), got {cfg.lam}")
     if not 0.0 <= cfg.null_energy < 1.0:
         raise ValueError(f"locate.null_energy must be in [0, 1), got {cfg.null_energy}")
-    for key in ("v_lr", "clamp_factor"):
+    for key in ("v_lr", "clamp_factor", "keep_weight"):
         if not getattr(cfg, key) > 0:
             raise ValueError(f"locate.{key} must be positive, got {getattr(cfg, key)}")
     for key in ("v_steps", "n_prefixes", "prefix_len", "neighbours", "refine_rounds"):
@@ -167,8 +167,11 @@ class LocateEditor:
         raise TypeError(f"{type(self).__name__} does not define an update")
 
     def preserved(self, name: str) -> Tensor:
-        """C0 and, with keep_edits, the earlier edits' keys at one key each (λ multiplies the sum)."""
-        return self.stats[name] + self.edited[name] / self.lam if self.keeps_edits else self.stats[name]
+        """C0 and, with keep_edits, the earlier edits' keys at locate.keep_weight new edit keys each (λ
+        multiplies the sum)."""
+        if not self.keeps_edits:
+            return self.stats[name]
+        return self.stats[name] + self.edited[name] * (self.cfg.keep_weight / self.lam)
 
     def after_edit(self, rewrite: LocateBatch, layers: list[int]) -> None:
         """Once the batch's layers are all updated: add its keys, as the edited model computes them, to C_p."""
