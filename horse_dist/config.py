@@ -219,9 +219,8 @@ class LocateConfig:  # locate-then-edit methods, MOSE, MEMIT, AlphaEdit; owned b
     # (mose 10, memit 15000, alphaedit 10)
     lam: float = 0.0
     null_energy: float = 1e-2  # alphaedit: the null space holds at most this fraction of tr(C0)
-    # mose/memit: the keys of the stream's earlier edits join the preserved keys, each as keep_weight edit keys
-    # (C0 + w C_p/λ), so later edits keep their outputs (alphaedit always keeps them). MOSE, 24 head edits:
-    # ES 0.70 -> 0.81
+    # mose/memit: the keys of the stream's earlier edits join the preserved keys, so later edits keep their
+    # outputs (alphaedit always keeps them). MOSE, 24 head edits: ES 0.70 -> 0.81
     keep_edits: bool = True
     # mose/memit with keep_edits: each earlier edit key weighs this many new edit keys (C0 + w C_p/λ)
     keep_weight: float = 1.0
